@@ -1,0 +1,54 @@
+"""What the coordinator asks of the privacy layer, at DESIGN.md's steps 4, 6 and 8.
+
+:class:`RoundPrivacy` with every hook a no-op is "privacy off". Differential-privacy modes
+implement the hooks (client stages such as clipping, server noise, accounting) in their own
+classes; the coordinator calls the same hooks whatever the mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from confide.client.pipeline import UpdateStage
+
+if TYPE_CHECKING:
+    from confide.server.aggregation import Aggregate
+
+__all__ = ["RoundPrivacy"]
+
+
+class RoundPrivacy:
+    """Privacy hooks of the round loop; this base class is privacy off."""
+
+    #: ``examples`` (FedAvg) or ``uniform`` (client-level DP bounds each client's weight)
+    weighting: str = "examples"
+    #: overrides ``cohort.sampling`` when the accountant needs a particular scheme
+    sampling: str | None = None
+
+    def client_stages(self) -> list[UpdateStage]:
+        """Step 4: stages appended to every client's update pipeline."""
+        return []
+
+    def check_budget(self, server_round: int, num_sampled_expected: int) -> None:
+        """Before a round: raise PrivacyBudgetExceeded if it would overspend."""
+
+    def process_aggregate(self, aggregate: Aggregate, server_round: int) -> Aggregate:
+        """Step 6: central noise or distributed-DP decoding of the sum."""
+        return aggregate
+
+    def account(self, server_round: int, run_dir: Path | None) -> float | None:
+        """Step 8: record the round's privacy event; return epsilon spent so far (or None)."""
+        return None
+
+    def round_metrics(self) -> dict[str, float]:
+        """Extra per-round values for the history (e.g. the adaptive clip norm)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Ledger and mechanism state saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

@@ -1,0 +1,248 @@
+"""The coordinator's round loop (DESIGN.md, "Data flow of one round").
+
+:meth:`Coordinator.run_round` is the whole FL round on one screen, in DESIGN.md's numbered
+steps. Everything runtime-specific sits behind the executor (how client tasks reach clients:
+in process, vectorised on a GPU, or over Flower's Grid) and the aggregator (in the clear or
+by secure aggregation), so simulation and deployment share this code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from confide.client import ClientResult, ClientTask, TrainSettings
+from confide.config import Config
+from confide.exceptions import ConfigError, RoundFailedError, StrategyError
+from confide.privacy.base import RoundPrivacy
+from confide.seeding import derive_rng, derive_seed
+from confide.server.aggregation import Aggregate, Aggregator, client_weight
+from confide.server.checkpoint import save_checkpoint
+from confide.server.history import plot_history, write_history, write_timings
+from confide.server.sampling import sample_cohort
+from confide.simulations.executors import Executor
+from confide.strategies.base import Strategy
+
+__all__ = ["Coordinator", "RoundRecord"]
+
+log = logging.getLogger("confide")
+
+RoundRecord = dict[str, Any]
+Evaluator = Callable[[torch.Tensor], dict[str, float]]
+
+
+@dataclass
+class Coordinator:
+    """Runs FedAvg-style rounds: sample, configure, train, aggregate, update, account, record."""
+
+    config: Config
+    strategy: Strategy
+    executor: Executor
+    aggregator: Aggregator
+    privacy: RoundPrivacy
+    params: torch.Tensor
+    num_clients: int
+    client_sizes: list[int]
+    evaluator: Evaluator | None = None
+    run_dir: Path | None = None
+    on_round_end: Callable[[RoundRecord], None] | None = None
+    history: list[RoundRecord] = field(default_factory=list)
+    timings: list[dict[str, Any]] = field(default_factory=list)
+    client_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    completed_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        if cfg.secure_aggregation.enabled and self.strategy.requires_individual_updates:
+            raise StrategyError(
+                f"strategy {self.strategy.name!r} needs individual client updates, but secure "
+                "aggregation reveals only their sum; disable secure_aggregation or choose a "
+                "sum-based strategy (fedavg, fedprox, fedadam, ...)"
+            )
+        if cfg.simulation.dropout_stage not in self.aggregator.dropout_stages:
+            raise ConfigError(
+                f"simulation.dropout_stage = {cfg.simulation.dropout_stage!r} is not available "
+                f"here; choose one of: {', '.join(self.aggregator.dropout_stages)}"
+            )
+
+    # ------------------------------------------------------------------ the round
+    def run_round(self, rnd: int) -> RoundRecord:
+        """One round, DESIGN.md steps 1-9."""
+        cfg, t0 = self.config, time.perf_counter()
+        expected = cfg.cohort_size()
+        self.privacy.check_budget(rnd, expected)
+
+        # 1. Sample the cohort (Poisson when the accountant needs it), seeded by round.
+        cohort = sample_cohort(num_clients=self.num_clients, size=expected,
+                               method=self.privacy.sampling or cfg.cohort.sampling,
+                               seed=cfg.run.seed, server_round=rnd)
+
+        # 2. Configure: the instructions every sampled client gets.
+        instructions = self.strategy.configure_round(rnd)
+        tasks = [self._task(int(cid), rnd, instructions) for cid in cohort]
+        self._inject_dropouts(tasks, rnd)
+
+        # 3.+4. Local training and the client privacy pipeline, on each client's device.
+        t_train = time.perf_counter()
+        outcomes = self.executor.run_clients(tasks)
+        t_train = time.perf_counter() - t_train
+        results = self._accept(outcomes, rnd, len(cohort))
+
+        # 5. Aggregate: the coordinator learns only the sum (secure aggregation when enabled).
+        aggregate: Aggregate = self.aggregator.aggregate(
+            results, server_round=rnd, weighting=self.privacy.weighting)
+        self._require_quorum(aggregate.count, rnd, len(cohort))
+
+        # 6. Server privacy: central Gaussian noise or distributed-DP decoding.
+        aggregate = self.privacy.process_aggregate(aggregate, rnd)
+
+        # 7. Server update: the strategy's optimizer on the mean update.
+        self.params = self.strategy.apply(
+            self.params, aggregate.mean_update(), aggregate.mean_aux(), rnd,
+            num_clients=aggregate.count, total_clients=self.num_clients)
+        for r in results:
+            if r.client_id in aggregate.client_ids and r.new_state:
+                self.client_states[r.client_id] = r.new_state
+
+        # 8. Account: the ledger records epsilon *before* the model is released or saved.
+        epsilon = self.privacy.account(rnd, self.run_dir)
+
+        # 9. Evaluate, record, checkpoint.
+        record = self._record(rnd, cohort, results, aggregate, epsilon)
+        self.completed_rounds = rnd
+        self.timings.append({"round": rnd, "train_s": round(t_train, 4),
+                             "round_s": round(time.perf_counter() - t0, 4)})
+        self._persist(final=rnd == cfg.run.rounds)
+        return record
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, stop_after: int | None = None) -> list[RoundRecord]:
+        """Run rounds ``completed_rounds+1 .. run.rounds`` (or until ``stop_after``)."""
+        if self.completed_rounds == 0:
+            self.strategy.initialize(self.params)
+        last = self.config.run.rounds if stop_after is None else min(stop_after,
+                                                                      self.config.run.rounds)
+        try:
+            for rnd in range(self.completed_rounds + 1, last + 1):
+                record = self.run_round(rnd)
+                if self.on_round_end is not None:
+                    self.on_round_end(record)
+        finally:
+            self.executor.close()
+        if self.run_dir is not None and self.history:
+            plot_history(self.run_dir, self.history)
+        return self.history
+
+    # ------------------------------------------------------------------ helpers
+    def _task(self, cid: int, rnd: int, instructions: Any) -> ClientTask:
+        c = self.config.client
+        return ClientTask(
+            client_id=cid, server_round=rnd, global_params=self.params,
+            instructions=instructions,
+            settings=TrainSettings(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
+                                   momentum=c.momentum, weight_decay=c.weight_decay,
+                                   optimizer=c.optimizer),
+            seed=derive_seed(self.config.run.seed, "client", rnd, cid),
+            client_state=self.client_states.get(cid, {}),
+        )
+
+    def _inject_dropouts(self, tasks: list[ClientTask], rnd: int) -> None:
+        """Fault injection: ``dropout_rate`` of the sampled clients leave mid-training."""
+        sim = self.config.simulation
+        if sim.dropout_rate <= 0 or sim.dropout_stage != "training" or not tasks:
+            return
+        rng = derive_rng(self.config.run.seed, "dropout", rnd)
+        n_drop = int(round(sim.dropout_rate * len(tasks)))
+        for i in rng.choice(len(tasks), size=n_drop, replace=False):
+            t = tasks[int(i)]
+            steps = self.config.client.epochs * math.ceil(
+                self.client_sizes[t.client_id] / self.config.client.batch_size)
+            t.drop_after_steps = steps // 2
+
+    def _accept(self, outcomes: list, rnd: int, sampled: int) -> list[ClientResult]:
+        """Keep results with finite updates; a NaN/inf update is rejected, not averaged."""
+        results = []
+        for o in outcomes:
+            if o.result is None:
+                log.info("round %d: client %d dropped (%s)", rnd, o.client_id, o.failure)
+                continue
+            if not bool(torch.isfinite(o.result.update).all()):
+                log.warning("round %d: client %d sent a non-finite update; it is excluded",
+                            rnd, o.client_id)
+                continue
+            results.append(o.result)
+        self._require_quorum(len(results), rnd, sampled)
+        return results
+
+    def _require_quorum(self, reported: int, rnd: int, sampled: int) -> None:
+        need = self.config.cohort.min_clients
+        if reported < need:
+            raise RoundFailedError(
+                f"round {rnd} failed: {reported} of {sampled} sampled clients reported, fewer "
+                f"than cohort.min_clients = {need}; the last checkpoint (round "
+                f"{self.completed_rounds}) is intact"
+            )
+
+    def _record(self, rnd: int, cohort: np.ndarray, results: list[ClientResult],
+                aggregate: Aggregate, epsilon: float | None) -> RoundRecord:
+        used = [r for r in results if r.client_id in set(aggregate.client_ids)]
+        w = [client_weight(r, "examples") for r in used]
+        total = sum(w) or 1.0
+        record: RoundRecord = {
+            "round": rnd,
+            "num_sampled": len(cohort),
+            "num_clients": aggregate.count,
+            "num_dropped": len(cohort) - aggregate.count,
+            "train_loss": sum(wi * r.metrics.get("train_loss", 0.0)
+                              for wi, r in zip(w, used, strict=True)) / total,
+            "test_accuracy": None,
+            "test_loss": None,
+            "epsilon": epsilon,
+        }
+        record.update(self.privacy.round_metrics())
+        if self.evaluator is not None and (rnd % self.config.run.eval_every == 0
+                                           or rnd == self.config.run.rounds):
+            metrics = self.evaluator(self.params)
+            record["test_accuracy"] = metrics["accuracy"]
+            record["test_loss"] = metrics["loss"]
+        self.history.append(record)
+        return record
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly."""
+        return {
+            "round": self.completed_rounds,
+            "params": self.params.detach().cpu(),
+            "strategy": self.strategy.state_dict(),
+            "client_states": {int(k): v for k, v in self.client_states.items()},
+            "history": self.history,
+            "timings": self.timings,
+            "privacy": self.privacy.state_dict(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`checkpoint_state`."""
+        self.completed_rounds = int(state["round"])
+        self.params = state["params"].to(self.params.dtype)
+        self.strategy.load_state_dict(state["strategy"])
+        self.client_states = {int(k): dict(v) for k, v in state["client_states"].items()}
+        self.history = list(state["history"])
+        self.timings = list(state.get("timings", []))
+        self.privacy.load_state_dict(state["privacy"])
+
+    def _persist(self, *, final: bool) -> None:
+        if self.run_dir is None:
+            return
+        write_history(self.run_dir, self.history)
+        write_timings(self.run_dir, self.timings)
+        save_checkpoint(self.run_dir, self.checkpoint_state())
+        if final or self.completed_rounds % 10 == 0:
+            plot_history(self.run_dir, self.history)

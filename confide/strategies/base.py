@@ -1,0 +1,160 @@
+"""The strategy contract: a client update rule plus a server update rule on the mean update.
+
+This is the FedOpt view (Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Alg. 1):
+clients return ``client_update = w_local - w_global``; the coordinator only ever needs the
+(weighted) *mean* of those updates, which is exactly what secure aggregation and DP reveal.
+A strategy therefore splits into
+
+* client side (runs on the client's device, in simulation and deployment alike):
+  :meth:`Strategy.client_rule` (proximal term, gradient correction) and
+  :meth:`Strategy.client_finalize` (per-client state such as SCAFFOLD's ``c_i`` and auxiliary
+  vectors that are summed like the update);
+* server side: :meth:`Strategy.configure_round` (what every sampled client receives) and
+  :meth:`Strategy.apply` (the server optimizer on the mean update).
+
+Strategies that must see individual updates (median, trimmed mean, Krum) set
+``requires_individual_updates = True`` and override :meth:`Strategy.aggregate_individual`;
+the coordinator refuses to run them under secure aggregation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from confide.exceptions import ConfigError, StrategyError
+
+__all__ = [
+    "Strategy",
+    "ClientRule",
+    "RoundInstructions",
+    "NoParams",
+]
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """A strategy without parameters."""
+
+
+@dataclass
+class RoundInstructions:
+    """What every client sampled in a round receives (besides the global weights).
+
+    ``tensors`` are flat vectors sent to the clients (e.g. SCAFFOLD's server control variate);
+    ``values`` are scalars (e.g. FedProx's ``mu``).
+    """
+
+    values: dict[str, float] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ClientRule:
+    """How a client's local optimisation differs from plain SGD on its loss.
+
+    The trainer adds ``proximal_mu * (w - w_global) + gradient_correction`` to every
+    gradient (FedProx, Li et al. 2020, Eq. 2; SCAFFOLD, Karimireddy et al. 2020, Alg. 1 l.10).
+    Expressed as data, so the vectorised executor can apply it to a whole cohort at once.
+    """
+
+    proximal_mu: float = 0.0
+    gradient_correction: torch.Tensor | None = None
+
+
+class Strategy:
+    """Base class of every federated optimisation strategy.
+
+    Subclasses set ``name`` (registry key), ``citation``, and ``Params`` (a frozen dataclass of
+    the ``[strategy]`` keys they accept, validated when the strategy is built). Every hook has a
+    no-op default, so FedAvg is this class with nothing overridden.
+    """
+
+    name: ClassVar[str] = "base"
+    citation: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    #: Needs each client's update individually: incompatible with secure aggregation.
+    requires_individual_updates: ClassVar[bool] = False
+    #: Names of auxiliary per-client vectors (same length as the model) summed like updates.
+    aux_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Strategy:
+        """Build from the ``[strategy]`` keys, validating them against ``Params``."""
+        from confide.config import validate_dataclass
+
+        try:
+            params = validate_dataclass(cls.Params, dict(options), "strategy.")
+        except ConfigError as exc:
+            raise StrategyError(str(exc)) from None
+        return cls(params)
+
+    # ----------------------------------------------------------------- server side
+    def initialize(self, global_params: torch.Tensor) -> None:
+        """Called once with the initial global weights, before round 1 (not on resume)."""
+
+    def configure_round(self, server_round: int) -> RoundInstructions:
+        """Instructions sent to every sampled client this round."""
+        return RoundInstructions()
+
+    def apply(
+        self,
+        global_params: torch.Tensor,
+        mean_update: torch.Tensor,
+        mean_aux: Mapping[str, torch.Tensor],
+        server_round: int,
+        *,
+        num_clients: int,
+        total_clients: int,
+    ) -> torch.Tensor:
+        """The server update rule; the default is FedAvg's ``w + mean_update``."""
+        return global_params + mean_update
+
+    def aggregate_individual(
+        self, updates: list[torch.Tensor], weights: list[float]
+    ) -> torch.Tensor:
+        """Combine individual updates (only for ``requires_individual_updates``)."""
+        raise StrategyError(f"strategy {self.name!r} does not aggregate individual updates")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server state (momentum, moments, control variates) saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    # ----------------------------------------------------------------- client side
+    def client_rule(
+        self,
+        instructions: RoundInstructions,
+        client_state: Mapping[str, torch.Tensor],
+    ) -> ClientRule:
+        """The client's local-update modification for this round."""
+        return ClientRule()
+
+    def client_finalize(
+        self,
+        instructions: RoundInstructions,
+        client_state: Mapping[str, torch.Tensor],
+        client_update: torch.Tensor,
+        *,
+        num_steps: int,
+        lr: float,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """After local training: ``(aux vectors to aggregate, new client state)``."""
+        return {}, dict(client_state)
+
+    # ----------------------------------------------------------------- misc
+    def describe(self) -> str:
+        """One line: name and parameters."""
+        fields = dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}
+        args = ", ".join(f"{k}={v}" for k, v in fields.items())
+        return f"{self.name}({args})"
