@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from confide.client.pipeline import UpdateStage
+from confide.client.trainer import LocalTrainer
 
 if TYPE_CHECKING:
     from confide.server.aggregation import Aggregate
@@ -30,6 +33,10 @@ class RoundPrivacy:
     def client_stages(self) -> list[UpdateStage]:
         """Step 4: stages appended to every client's update pipeline."""
         return []
+
+    def make_trainer(self, model: torch.nn.Module, device: torch.device) -> LocalTrainer:
+        """The local trainer clients use (DP-SGD returns an Opacus-backed one)."""
+        return LocalTrainer(model, device)
 
     def check_budget(self, server_round: int, num_sampled_expected: int) -> None:
         """Before a round: raise PrivacyBudgetExceeded if it would overspend."""

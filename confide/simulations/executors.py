@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,10 @@ class SimulationContext:
     strategy: Strategy
     pipeline: ClientPipeline
     device: torch.device
+    #: builds the local trainer (the privacy layer swaps in a DP-SGD trainer)
+    trainer_factory: Callable[[nn.Module, torch.device], LocalTrainer] = LocalTrainer
+    #: the run's config (executors that need more than the above read it here)
+    config: Any = None
 
     def client_data(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training tensors of one client (on the device)."""
@@ -80,7 +85,7 @@ class SequentialExecutor(Executor):
 
     def __init__(self, context: SimulationContext) -> None:
         super().__init__(context)
-        self.trainer = LocalTrainer(context.model_factory(), context.device)
+        self.trainer = context.trainer_factory(context.model_factory(), context.device)
 
     def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:  # noqa: D102
         outcomes = []
@@ -111,8 +116,23 @@ def available_executors() -> list[str]:
     return sorted(_EXECUTORS)
 
 
+#: executors that live in their own modules, imported on first use
+_LAZY = {"vectorized": "confide.simulations.vectorized", "flower": "confide.simulations.flower"}
+
+
 def build_executor(name: str, context: SimulationContext) -> Executor:
     """Build the executor ``name`` for ``context``."""
+    if name not in _EXECUTORS and name in _LAZY:
+        import importlib
+
+        try:
+            importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as exc:
+            if exc.name == _LAZY[name]:
+                raise ConfigError(f"simulation.executor = {name!r} is not available in this "
+                                  "build") from None
+            raise ConfigError(f"simulation.executor = {name!r} needs the missing package "
+                              f"{exc.name!r}") from None
     if name not in _EXECUTORS:
         raise ConfigError(
             f"simulation.executor = {name!r} is not available; choose one of: "

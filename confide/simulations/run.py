@@ -122,7 +122,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     y_test = torch.as_tensor(data.y_test, device=device)
     context = SimulationContext(x_train=x_train, y_train=y_train, partitions=parts,
                                 model_factory=model_factory, strategy=strategy,
-                                pipeline=pipeline, device=device)
+                                pipeline=pipeline, device=device,
+                                trainer_factory=privacy.make_trainer, config=cfg)
     executor = build_executor(cfg.simulation.executor, context)
 
     eval_model = model_factory().to(device)
