@@ -29,9 +29,13 @@ class Aggregate:
     denominator: float | None = None
     #: client ids whose contributions are in the sum
     client_ids: list[int] = field(default_factory=list)
+    #: set by strategies that combine individual updates (median, Krum): replaces the mean
+    robust_update: torch.Tensor | None = None
 
     def mean_update(self) -> torch.Tensor:
         """``update_sum / denominator`` (the weighted mean by default)."""
+        if self.robust_update is not None:
+            return self.robust_update
         return self.update_sum / (self.denominator or self.weight_sum)
 
     def mean_aux(self) -> dict[str, torch.Tensor]:

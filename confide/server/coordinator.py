@@ -100,6 +100,10 @@ class Coordinator:
         aggregate: Aggregate = self.aggregator.aggregate(
             results, server_round=rnd, weighting=self.privacy.weighting)
         self._require_quorum(aggregate.count, rnd, len(cohort))
+        if self.strategy.requires_individual_updates:  # robust aggregators (never with SecAgg)
+            aggregate.robust_update = self.strategy.aggregate_individual(
+                [r.update for r in results],
+                [client_weight(r, self.privacy.weighting) for r in results])
 
         # 6. Server privacy: central Gaussian noise or distributed-DP decoding.
         aggregate = self.privacy.process_aggregate(aggregate, rnd)
