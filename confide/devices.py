@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from confide.exceptions import DeviceError
 
 __all__ = ["resolve_device"]
-
-log = logging.getLogger("confide")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -19,7 +15,6 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        log.info("client.device = 'auto': no CUDA GPU found, training on the CPU")
         return torch.device("cpu")
     if spec == "cpu":
         return torch.device("cpu")

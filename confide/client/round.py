@@ -62,6 +62,7 @@ def run_client_task(
     aux, new_state = strategy.client_finalize(
         task.instructions, task.client_state, out.update,
         num_steps=out.num_steps, lr=task.settings.lr,
+        momentum=task.settings.momentum if task.settings.optimizer == "sgd" else 0.0,
     )
     ctx = StageContext(server_round=task.server_round, client_id=task.client_id, seed=task.seed)
     update = pipeline(out.update, ctx)

@@ -64,7 +64,8 @@ class PlainAggregator(Aggregator):
     """Sums in the clear (a trusted coordinator)."""
 
     def aggregate(self, results: Sequence[ClientResult], *, server_round: int,
-                  weighting: str) -> Aggregate:  # noqa: D102
+                  weighting: str) -> Aggregate:
+        """Sum ``weight * update`` and the aux vectors in float64, in client-id order."""
         first = results[0].update
         total = torch.zeros_like(first, dtype=torch.float64)
         aux: dict[str, torch.Tensor] = {}

@@ -21,7 +21,7 @@ import torch
 
 from confide.client import ClientResult, ClientTask, TrainSettings
 from confide.config import Config
-from confide.exceptions import ConfigError, RoundFailedError, StrategyError
+from confide.exceptions import ConfigError, RoundFailedError
 from confide.privacy.base import RoundPrivacy
 from confide.seeding import derive_rng, derive_seed
 from confide.server.aggregation import Aggregate, Aggregator, client_weight
@@ -61,12 +61,8 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         cfg = self.config
-        if cfg.secure_aggregation.enabled and self.strategy.requires_individual_updates:
-            raise StrategyError(
-                f"strategy {self.strategy.name!r} needs individual client updates, but secure "
-                "aggregation reveals only their sum; disable secure_aggregation or choose a "
-                "sum-based strategy (fedavg, fedprox, fedadam, ...)"
-            )
+        # Refuses strategies that need individual updates under secure aggregation.
+        self.strategy.check_compatible(secure_aggregation=cfg.secure_aggregation.enabled)
         if cfg.simulation.dropout_stage not in self.aggregator.dropout_stages:
             raise ConfigError(
                 f"simulation.dropout_stage = {cfg.simulation.dropout_stage!r} is not available "

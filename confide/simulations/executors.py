@@ -74,7 +74,7 @@ class Executor(ABC):
     def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:
         """Train every task's client; a dropped client yields an outcome with ``failure``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook
         """Release resources (processes, GPU memory)."""
 
 

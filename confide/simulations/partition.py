@@ -24,7 +24,8 @@ def _dirichlet(y: np.ndarray, n: int, alpha: float, min_size: int, rng: np.rando
                ) -> list[np.ndarray]:
     """Label skew as in NIID-Bench (Li et al., ICDE 2022, Sec. IV-A): for every class, the
     share of each client is drawn from Dir(alpha); redrawn until every client holds at least
-    ``min_size`` samples."""
+    ``min_size`` samples.
+    """
     classes = np.unique(y)
     for _attempt in range(1000):
         parts: list[list[int]] = [[] for _ in range(n)]
@@ -50,7 +51,8 @@ def _dirichlet(y: np.ndarray, n: int, alpha: float, min_size: int, rng: np.rando
 
 def _shards(y: np.ndarray, n: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Each client gets ``k`` distinct classes (NIID-Bench "#C=k"): class c's samples are split
-    evenly among the clients that drew c; every class is assigned to at least one client."""
+    evenly among the clients that drew c; every class is assigned to at least one client.
+    """
     classes = np.unique(y)
     if k > len(classes):
         raise DataError(f"data.classes_per_client = {k} exceeds the {len(classes)} classes")

@@ -113,6 +113,7 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     params = get_flat_params(model).cpu()
 
     strategy = get_strategy(cfg.strategy.name).from_options(cfg.strategy.options)
+    strategy.check_compatible(secure_aggregation=cfg.secure_aggregation.enabled)
     privacy = build_round_privacy(cfg, num_clients=cfg.data.num_clients,
                                   dataset_size=len(data.y_train))
     pipeline = ClientPipeline(privacy.client_stages())
@@ -141,6 +142,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     notes = [f"dataset {data.name}: {len(data.y_train)} train / {len(data.y_test)} test, "
              f"{report.summary()}", f"strategy {strategy.describe()}, executor "
              f"{executor.name}, device {device}"]
+    if cfg.client.device == "auto" and device.type == "cpu":
+        notes.append("client.device = 'auto': no CUDA GPU found, training on the CPU")
     return Simulation(cfg, data, parts, coordinator, model, device, notes)
 
 

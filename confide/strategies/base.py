@@ -33,7 +33,36 @@ __all__ = [
     "ClientRule",
     "RoundInstructions",
     "NoParams",
+    "param",
+    "effective_local_steps",
 ]
+
+
+def param(default: Any, *, ge: float | None = None, gt: float | None = None,
+          le: float | None = None, lt: float | None = None, help: str = "") -> Any:
+    """A field of a strategy's ``Params`` dataclass with bounds checked when it is built.
+
+    ``lr: float = param(0.01, gt=0, help="server learning rate")`` makes
+    ``[strategy] lr = -1`` a one-line error naming ``strategy.lr``.
+    """
+    from confide.config import _c
+
+    return _c(default, ge=ge, gt=gt, le=le, lt=lt, help=help)
+
+
+def effective_local_steps(num_steps: int, momentum: float) -> float:
+    """How many plain-SGD steps ``num_steps`` heavy-ball steps with ``momentum`` amount to.
+
+    With a constant gradient g, SGD with momentum β moves ``lr * g * a`` in K steps, where
+    ``a = sum_{k=1..K} (1 - β^k) / (1 - β) = (K - β (1 - β^K) / (1 - β)) / (1 - β)``
+    (Wang et al., "Tackling the Objective Inconsistency Problem in Heterogeneous Federated
+    Optimization", NeurIPS 2020, Sec. 4 / App. on momentum: the ``||a_i||_1`` of FedNova).
+    It is K for β = 0.
+    """
+    if momentum <= 0.0:
+        return float(num_steps)
+    b = momentum
+    return (num_steps - b * (1.0 - b**num_steps) / (1.0 - b)) / (1.0 - b)
 
 
 @dataclass(frozen=True)
@@ -148,13 +177,29 @@ class Strategy:
         *,
         num_steps: int,
         lr: float,
+        momentum: float = 0.0,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """After local training: ``(aux vectors to aggregate, new client state)``."""
+        """After local training: ``(aux vectors to aggregate, new client state)``.
+
+        ``num_steps``, ``lr`` and ``momentum`` describe the local optimisation that produced
+        ``client_update`` (SCAFFOLD's option II divides by the effective step length).
+        """
         return {}, dict(client_state)
 
     # ----------------------------------------------------------------- misc
+    def check_compatible(self, *, secure_aggregation: bool) -> None:
+        """Raise :class:`StrategyError` when this strategy cannot run in the given setup."""
+        if secure_aggregation and self.requires_individual_updates:
+            raise StrategyError(
+                f"strategy {self.name!r} needs individual client updates, but secure "
+                "aggregation reveals only their sum; disable secure_aggregation or choose a "
+                "sum-based strategy (fedavg, fedprox, fedadam, ...)"
+            )
+
     def describe(self) -> str:
         """One line: name and parameters."""
-        fields = dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}
+        p = self.params
+        is_instance = dataclasses.is_dataclass(p) and not isinstance(p, type)
+        fields = dataclasses.asdict(p) if is_instance else {}  # type: ignore[arg-type]
         args = ", ".join(f"{k}={v}" for k, v in fields.items())
         return f"{self.name}({args})"

@@ -1,9 +1,14 @@
-"""FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from
-Decentralized Data", AISTATS 2017, Algorithm 1): ``w_{t+1} = w_t + sum_k n_k/n * Δ_k``."""
+"""FedAvg (McMahan et al., AISTATS 2017).
+
+"Communication-Efficient Learning of Deep Networks from Decentralized Data", Algorithm 1:
+``w_{t+1} = w_t + sum_k n_k/n * Δ_k`` with ``Δ_k = w_k - w_t``.
+"""
 
 from __future__ import annotations
 
 from confide.strategies.base import Strategy
+
+__all__ = ["FedAvg"]
 
 
 class FedAvg(Strategy):

@@ -1,0 +1,70 @@
+"""NIID-Bench Fashion-MNIST FedAvg (Dirichlet 0.5) against the published 88.4%.
+
+Runs ``examples/fashion-mnist.toml`` (10 clients, lenet, 10 local epochs, batch 64, SGD momentum
+0.9, 50 rounds) with the chosen executor and device, and writes
+``benchmarks/results/niid_fashion_mnist[-<executor>].json`` and ``.md``.
+
+    python benchmarks/niid_fashion_mnist.py [--executor sequential|vectorized] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from confide.simulations.run import run_simulation, summarize
+
+PUBLISHED = 0.884  # REFERENCES.md: NIID-Bench as reproduced in Flower's baselines, FedAvg Dir(0.5)
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--executor", default="sequential")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], help="extra section.key=value")
+    args = ap.parse_args()
+    overrides = [f"simulation.executor={json.dumps(args.executor)}",
+                 f"client.device={json.dumps(args.device)}", f"run.rounds={args.rounds}",
+                 f"run.seed={args.seed}", *args.set]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, history = run_simulation(HERE.parent / "examples" / "fashion-mnist.toml",
+                                          overrides=overrides, output=Path(tmp) / "run")
+    seconds = time.perf_counter() - start
+    s = summarize(history)
+    result = {
+        "benchmark": "NIID-Bench Fashion-MNIST, FedAvg, Dirichlet(0.5), 10 clients, lenet",
+        "executor": args.executor, "device": args.device,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "host": platform.node(), "rounds": args.rounds, "seed": args.seed,
+        "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
+        "published_accuracy": PUBLISHED,
+        "difference_points": None if s["final_accuracy"] is None
+        else round(100 * (s["final_accuracy"] - PUBLISHED), 2),
+        "wall_seconds": round(seconds, 1),
+        "accuracy_per_round": [r["test_accuracy"] for r in history],
+    }
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    stem = "niid_fashion_mnist" + ("" if args.executor == "sequential" else f"-{args.executor}")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(
+        "| executor | device | rounds | final acc | best acc | published | diff (pts) | "
+        "wall s |\n|---|---|---|---|---|---|---|---|\n"
+        f"| {args.executor} | {result['gpu'] or 'cpu'} | {args.rounds} | "
+        f"{s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | {PUBLISHED} | "
+        f"{result['difference_points']} | {result['wall_seconds']} |\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "accuracy_per_round"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from confide_testing import FAST
+
+from confide.client.round import ClientResult
+from confide.config import load_config
+from confide.exceptions import RoundFailedError
+from confide.simulations.run import build_simulation, run_simulation
+
+
+def _run(tmp_path, name, extra=()):
+    run_dir, history = run_simulation(None, overrides=[*FAST, *extra], output=tmp_path / name)
+    return run_dir, history
+
+
+def test_same_seed_same_history_and_weights(tmp_path):
+    a, _ = _run(tmp_path, "a")
+    b, _ = _run(tmp_path, "b")
+    assert (a / "history.json").read_text() == (b / "history.json").read_text()
+    wa = torch.load(a / "model.pt", weights_only=True)
+    wb = torch.load(b / "model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_different_seed_different_partition():
+    s0 = build_simulation(load_config(None, [*FAST, "run.seed=0"]))
+    s1 = build_simulation(load_config(None, [*FAST, "run.seed=1"]))
+    assert any(len(p) != len(q) or (p != q).any()
+               for p, q in zip(s0.partitions, s1.partitions, strict=True))
+
+
+def test_run_folder_contents(tmp_path):
+    run_dir, history = _run(tmp_path, "r")
+    for name in ("config.toml", "history.json", "history.csv", "timings.csv", "model.pt",
+                 "checkpoint.pt", "plots/accuracy.png"):
+        assert (run_dir / name).is_file(), name
+    rows = json.loads((run_dir / "history.json").read_text())
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert {"round", "test_accuracy", "test_loss", "num_clients", "epsilon"} <= set(r)
+        assert r["epsilon"] is None
+    assert (run_dir / "history.csv").read_text().splitlines()[0].startswith("round,")
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full, _ = _run(tmp_path, "full", ["run.rounds=4", "strategy.name='fedavg'"])
+    part, hist = run_simulation(None, overrides=[*FAST, "run.rounds=4"],
+                                output=tmp_path / "part", stop_after=2)
+    assert len(hist) == 2 and not (part / "model.pt").exists()
+    _, hist2 = run_simulation(resume=part)
+    assert [r["round"] for r in hist2] == [1, 2, 3, 4]
+    wa = torch.load(full / "model.pt", weights_only=True)
+    wb = torch.load(part / "model.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (full / "history.json").read_text() == (part / "history.json").read_text()
+
+
+def test_dropouts_reduce_reporting_clients(tmp_path):
+    _, history = _run(tmp_path, "d", ["simulation.dropout_rate=0.3", "cohort.min_clients=2"])
+    assert all(r["num_sampled"] == 10 and r["num_clients"] == 7 for r in history)
+    assert all(r["num_dropped"] == 3 for r in history)
+
+
+def test_round_below_min_clients_fails_and_keeps_checkpoint(tmp_path):
+    with pytest.raises(RoundFailedError, match="fewer than cohort.min_clients = 9"):
+        _run(tmp_path, "m", ["simulation.dropout_rate=0.3", "cohort.min_clients=9"])
+
+
+def test_non_finite_update_is_excluded(tmp_path):
+    sim = build_simulation(load_config(None, [*FAST, "run.rounds=1"]))
+    executor = sim.coordinator.executor
+    original = executor.run_clients
+
+    def poisoned(tasks):
+        outcomes = original(tasks)
+        r: ClientResult = outcomes[0].result
+        r.update = torch.full_like(r.update, float("nan"))
+        return outcomes
+
+    executor.run_clients = poisoned
+    history = sim.coordinator.run()
+    assert history[0]["num_clients"] == 9
+    assert torch.isfinite(sim.coordinator.params).all()
+
+
+def test_poisson_cohort_sampling():
+    from confide.server.sampling import sample_cohort
+
+    sizes = [len(sample_cohort(num_clients=100, size=10, method="poisson", seed=0,
+                               server_round=r)) for r in range(1, 401)]
+    assert len(set(sizes)) > 3  # the cohort size itself is random
+    assert abs(sum(sizes) / len(sizes) - 10) < 1.0  # E|cohort| = q * n
+    fixed = [sample_cohort(num_clients=100, size=10, method="fixed", seed=0, server_round=r)
+             for r in (1, 2)]
+    assert all(len(c) == 10 and len(set(c.tolist())) == 10 for c in fixed)
+    assert not (fixed[0] == fixed[1]).all()
