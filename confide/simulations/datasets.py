@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,9 @@ from confide.exceptions import DataError
 
 __all__ = ["FederatedDataset", "load_dataset", "available_datasets", "FASHION_MNIST_DIR"]
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: where Debian's dataset-fashion-mnist puts the IDX files; CONFIDE_FASHION_MNIST_DIR overrides
+FASHION_MNIST_DIR = Path(os.environ.get("CONFIDE_FASHION_MNIST_DIR",
+                                        "/usr/share/datasets/fashion-mnist"))
 
 
 @dataclass
