@@ -92,7 +92,10 @@ class LocalTrainer:
         n = len(y)
         correction = (rule.gradient_correction.to(self.device)
                       if rule.gradient_correction is not None else None)
-        steps, loss_sum, correct = 0, 0.0, 0
+        steps = 0
+        # Metrics accumulate on the device: no host synchronisation inside the loop.
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
         for _epoch in range(settings.epochs):
             order = torch.randperm(n, generator=gen).to(self.device)
             for start in range(0, n, settings.batch_size):
@@ -108,12 +111,13 @@ class LocalTrainer:
                     self._modify_gradients(rule.proximal_mu, global_params, correction)
                 opt.step()
                 steps += 1
-                loss_sum += float(loss.detach()) * len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
+                loss_sum += loss.detach().double() * len(yb)
+                correct += (logits.detach().argmax(1) == yb).sum()
         update = get_flat_params(self.model) - global_params
         seen = max(1, n * settings.epochs)
         return FitOutput(update=update, num_examples=n, num_steps=steps,
-                         metrics={"train_loss": loss_sum / seen, "train_accuracy": correct / seen})
+                         metrics={"train_loss": float(loss_sum) / seen,
+                                  "train_accuracy": int(correct) / seen})
 
     @torch.no_grad()
     def _modify_gradients(self, mu: float, global_params: torch.Tensor,
