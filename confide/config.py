@@ -122,6 +122,17 @@ class SimulationConfig:
     executor: str = "sequential"
     dropout_rate: float = _c(0.0, ge=0, lt=1)
     dropout_stage: str = "training"
+    # The ``vectorized`` executor's knobs (confide.simulations.vectorized):
+    #: clients trained at once per device; 0 sizes chunks to the free memory
+    chunk_size: int = _c(0, ge=0)
+    #: "bf16": forward and backward under bfloat16 autocast (opt-in; fp32 master weights)
+    mixed_precision: Literal["off", "bf16"] = "off"
+    #: "cuda-graphs" replays each local step as a CUDA graph; "torch-compile" compiles it
+    compile: Literal["off", "cuda-graphs", "torch-compile"] = "off"
+    #: convolutions with per-client weights: grouped conv (vmap's own rule) or unfold + bmm
+    conv_lowering: Literal["auto", "grouped", "unfold"] = "auto"
+    #: processes, one GPU each, a cohort is split over (torch.distributed, NCCL or gloo)
+    world_size: int = _c(1, ge=1)
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from confide.client.pipeline import ClientPipeline, StageContext
-from confide.client.trainer import LocalTrainer, TrainSettings
+from confide.client.trainer import FitOutput, LocalTrainer, TrainSettings
 from confide.strategies.base import RoundInstructions, Strategy
 
-__all__ = ["ClientTask", "ClientResult", "run_client_task"]
+__all__ = ["ClientTask", "ClientResult", "run_client_task", "finish_client_task"]
 
 
 @dataclass
@@ -59,6 +59,15 @@ def run_client_task(
     rule = strategy.client_rule(task.instructions, task.client_state)
     out = trainer.fit(x, y, task.global_params, task.settings, rule=rule, seed=task.seed,
                       drop_after_steps=task.drop_after_steps)
+    return finish_client_task(task, out, strategy, pipeline)
+
+
+def finish_client_task(task: ClientTask, out: FitOutput, strategy: Strategy,
+                       pipeline: ClientPipeline) -> ClientResult:
+    """After local training: the strategy's client finalisation, then the update pipeline.
+
+    Shared by :func:`run_client_task` and executors that train many clients at once.
+    """
     aux, new_state = strategy.client_finalize(
         task.instructions, task.client_state, out.update,
         num_steps=out.num_steps, lr=task.settings.lr,
