@@ -160,6 +160,12 @@ class SecureAggregationConfig:
     threshold: int | None = _c(None, ge=2)
     clipping_range: float = _c(8.0, gt=0)
     skip_pairwise_masks: bool = False
+    #: largest client weight (example count) a client may claim; larger ones are capped
+    max_weight: int = _c(1000, ge=1)
+    #: fraction of a cohort the neighbourhood graph must tolerate dropping mid-protocol
+    dropout_tolerance: float = _c(0.1, ge=0, lt=0.9)
+    #: fraction of a cohort that may collude with the coordinator (sets the threshold)
+    corruption_tolerance: float = _c(0.05, ge=0, lt=0.9)
 
 
 @dataclass(frozen=True)
