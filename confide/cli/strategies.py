@@ -70,5 +70,7 @@ def show_strategy(
 
 
 def register(app: typer.Typer) -> None:
-    """Attach ``confide strategies`` to the main ``app``."""
+    """Attach ``confide strategies`` to the main ``app`` (once, however often called)."""
+    if any(group.typer_instance is strategies_app for group in app.registered_groups):
+        return
     app.add_typer(strategies_app, name="strategies")
