@@ -37,8 +37,11 @@ def main() -> None:
                  f"run.seed={args.seed}", *args.set]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir, history = run_simulation(HERE.parent / "examples" / "fashion-mnist.toml",
-                                          overrides=overrides, output=Path(tmp) / "run")
+        run_dir, history = run_simulation(
+            HERE.parent / "examples" / "fashion-mnist.toml", overrides=overrides,
+            output=Path(tmp) / "run",
+            on_round_end=lambda r: print(f"round {r['round']}: acc {r['test_accuracy']:.4f} "
+                                         f"({time.perf_counter() - start:.0f} s)", flush=True))
     seconds = time.perf_counter() - start
     s = summarize(history)
     result = {
