@@ -1,17 +1,93 @@
-"""Privacy: differential privacy mechanisms and accounting, and secure aggregation."""
+"""Privacy: differential privacy mechanisms and accounting, and secure aggregation.
+
+``privacy.mode`` picks the :class:`RoundPrivacy` the coordinator calls
+(:func:`build_round_privacy`):
+
+* ``off`` — :class:`RoundPrivacy`, every hook a no-op;
+* ``central`` — client-level DP-FedAvg with a trusted coordinator
+  (:class:`confide.privacy.central.CentralDP`, fixed or adaptive clipping);
+* ``dp-sgd`` — sample-level DP-SGD inside every client through Opacus
+  (:class:`confide.privacy.dpsgd.DPSGDPrivacy`), each client's epsilon tracked;
+* ``distributed`` — distributed DP under secure aggregation, built by
+  ``confide.privacy.distributed.build_round_privacy(config, *, num_clients, dataset_size)``
+  when that module is present.
+
+Building blocks for any DP mode, distributed DP included:
+
+* :mod:`confide.privacy.mechanisms` — ``l2_clip``, ``GaussianMechanism`` (``clip`` +
+  ``add_noise``; ``privatize`` built from them), ``AdaptiveClipping``,
+  ``split_noise_multiplier``;
+* :mod:`confide.privacy.accounting` — Opacus RDP/PRV accountants: ``epsilon_of(events, delta=,
+  accountant=)``, ``compute_epsilon``, ``calibrate_noise_multiplier`` (target epsilon -> z);
+  an event is ``(noise_multiplier, sample_rate, steps)``;
+* :mod:`confide.privacy.ledger` — ``PrivacyLedger`` (``run_dir/privacy_ledger.json``) and
+  ``LedgeredPrivacy``, a :class:`RoundPrivacy` that implements ``attach_run_dir``,
+  ``check_budget``, ``account``, ``state_dict`` and ``load_state_dict``. A DP mode subclasses
+  it, returns the next round's events from ``planned_events(round, expected)`` and calls
+  ``stage_event("population", (z, q, 1))`` once the round's noised sum exists (for distributed
+  DP: ``z`` is the central-equivalent multiplier of the summed discrete noise). The ledger
+  is written before the model is released, stops a run before it would exceed
+  ``privacy.target_epsilon`` and continues across ``--resume``.
+* :mod:`confide.privacy.audit` — an empirical lower bound on epsilon from canary clients.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from confide.privacy.base import RoundPrivacy
 
-__all__ = ["RoundPrivacy"]
+if TYPE_CHECKING:
+    from confide.config import Config
+
+__all__ = ["RoundPrivacy", "build_round_privacy"]
+
+#: modes whose guarantee is about a client's whole update, computed on the *sum*
+CLIENT_LEVEL_MODES = ("central", "distributed")
 
 
-def build_round_privacy(config, *, num_clients: int, dataset_size: int) -> RoundPrivacy:  # type: ignore[no-untyped-def]
+def _refuse_robust_strategy(config: Config) -> None:
+    from confide.exceptions import ConfigError
+    from confide.strategies.registry import get_strategy
+
+    strategy = get_strategy(config.strategy.name)
+    if getattr(strategy, "requires_individual_updates", False):
+        raise ConfigError(
+            f"strategy {config.strategy.name!r} combines individual client updates, but "
+            f"privacy.mode = {config.privacy.mode!r} protects only their noised sum; choose a "
+            "sum-based strategy (fedavg, fedavgm, fedprox, fedadam, ...) or privacy.mode = "
+            "'dp-sgd'")
+
+
+def build_round_privacy(config: Config, *, num_clients: int, dataset_size: int
+                        ) -> RoundPrivacy:
     """The privacy hooks for ``config.privacy`` (privacy off: the no-op base)."""
     from confide.exceptions import ConfigError
 
-    if config.privacy.mode == "off":
+    mode = config.privacy.mode
+    if mode == "off":
         return RoundPrivacy()
-    raise ConfigError(f"privacy.mode = {config.privacy.mode!r} is not available yet; use 'off'")
+    if mode in CLIENT_LEVEL_MODES:
+        _refuse_robust_strategy(config)
+    if mode == "central":
+        from confide.privacy.central import CentralDP
 
+        return CentralDP.from_config(config, num_clients=num_clients)
+    if mode == "dp-sgd":
+        from confide.privacy.dpsgd import DPSGDPrivacy
 
-__all__ += ["build_round_privacy"]
+        return DPSGDPrivacy.from_config(config, num_clients=num_clients)
+    if mode == "distributed":
+        name = "confide.privacy.distributed"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            raise ConfigError("privacy.mode = 'distributed' is not available in this build; "
+                              "use 'central' or 'dp-sgd'") from None
+        return module.build_round_privacy(config, num_clients=num_clients,
+                                          dataset_size=dataset_size)
+    raise ConfigError(f"privacy.mode = {mode!r} is not available; choose one of: 'off', "
+                      "'central', 'dp-sgd', 'distributed'")

@@ -38,6 +38,11 @@ class RoundPrivacy:
         """The local trainer clients use (DP-SGD returns an Opacus-backed one)."""
         return LocalTrainer(model, device)
 
+    def attach_run_dir(self, run_dir: Path) -> None:
+        """Before the first round (after ``load_state_dict`` on resume): the run folder,
+        where a DP mode keeps (and reconciles) its privacy ledger.
+        """
+
     def check_budget(self, server_round: int, num_sampled_expected: int) -> None:
         """Before a round: raise PrivacyBudgetExceeded if it would overspend."""
 

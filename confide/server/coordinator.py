@@ -131,6 +131,8 @@ class Coordinator:
         last = self.config.run.rounds if stop_after is None else min(stop_after,
                                                                       self.config.run.rounds)
         try:
+            if self.run_dir is not None:
+                self.privacy.attach_run_dir(self.run_dir)  # the ledger, reconciled on resume
             for rnd in range(self.completed_rounds + 1, last + 1):
                 record = self.run_round(rnd)
                 if self.on_round_end is not None:
