@@ -1,0 +1,224 @@
+"""Confide's Flower ClientApp: runs :func:`confide.client.run_client_task` on local data.
+
+The same ClientApp serves deployment (in process, driven by :mod:`confide.client.node`) and
+simulation on Flower's engine (in Ray actors). A ``train`` message carries the task and the
+job (:mod:`confide.client.messages`); the client builds the job's strategy, privacy stages
+and trainer once per job, trains on its own data and replies with its processed update.
+
+Extra protocol stages (secure aggregation's key exchange, masked input, unmasking) register
+a handler with :func:`register_client_stage`; a ``query.<stage>`` message calls it with the
+message's records and the client's :class:`ClientSession`, which holds the last training
+result, so a masked-input stage can mask an update that never left the client in the clear.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from confide.client.data import ClientDataSource
+from confide.client.messages import JobSpec, decode_task, encode_result
+from confide.client.pipeline import ClientPipeline
+from confide.client.round import ClientResult, ClientTask, run_client_task
+from confide.client.trainer import LocalTrainer
+from confide.config import Config, validate_config
+from confide.exceptions import ClientDropped, ConfideError, ConfigError, ModelError
+from confide.models import available_models, build_model
+
+__all__ = [
+    "ClientSession",
+    "TaskRunner",
+    "build_client_app",
+    "register_client_stage",
+    "client_stages",
+    "ERROR_DROPPED",
+    "ERROR_REFUSED",
+]
+
+log = logging.getLogger("confide")
+
+#: Flower Error codes Confide uses in replies (outside Flower's own 0-99 range)
+ERROR_DROPPED = 1001
+ERROR_REFUSED = 1002
+
+StageHandler = Callable[[RecordDict, "ClientSession"], RecordDict]
+_STAGES: dict[str, StageHandler] = {}
+
+
+def register_client_stage(name: str, handler: StageHandler) -> None:
+    """Register a client-side protocol stage answering ``query.<name>`` messages."""
+    if not name.isidentifier() or name.startswith("confide_"):
+        raise ConfigError(f"stage name {name!r} must be an identifier not starting 'confide_'")
+    if name in _STAGES:
+        raise ConfigError(f"client stage {name!r} is already registered")
+    _STAGES[name] = handler
+
+
+def client_stages() -> dict[str, StageHandler]:
+    """Registered client stages."""
+    return dict(_STAGES)
+
+
+@dataclass
+class ClientSession:
+    """Per-client state kept between messages of a job (never sent as a whole)."""
+
+    client_id: int | None = None
+    job: JobSpec | None = None
+    config: Config | None = None
+    last_task: ClientTask | None = None
+    last_result: ClientResult | None = None
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _BuiltJob:
+    config: Config
+    strategy: Any
+    pipeline: ClientPipeline
+    trainer: LocalTrainer
+    device: torch.device
+
+
+class TaskRunner:
+    """Builds the job's client side once and runs tasks on this client's data."""
+
+    def __init__(self, source: ClientDataSource, *, device: str | None = None,
+                 allowed_model_factories: tuple[str, ...] | None = ()) -> None:
+        self.source = source
+        self.device_spec = device
+        #: ``module:factory`` models this client agrees to import; None allows any (simulation)
+        self.allowed_model_factories = allowed_model_factories
+        self._built: dict[str, _BuiltJob] = {}
+        self._data: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sessions: dict[int, ClientSession] = {}
+
+    def session(self, client_id: int) -> ClientSession:
+        """The session of ``client_id`` (a deployed node has exactly one)."""
+        return self.sessions.setdefault(client_id, ClientSession(client_id=client_id))
+
+    def _build(self, job: JobSpec) -> _BuiltJob:
+        built = self._built.get(job.digest)
+        if built is not None:
+            return built
+        from confide.devices import resolve_device
+        from confide.privacy import build_round_privacy
+        from confide.strategies.registry import get_strategy
+
+        try:
+            config = validate_config(tomllib.loads(job.config_toml))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"the coordinator sent an unreadable job config ({exc})") from None
+        name = config.model.name
+        if name not in available_models() and self.allowed_model_factories is not None \
+                and name not in self.allowed_model_factories:
+            raise ModelError(f"the job asks for model {name!r}, which this client does not "
+                             "allow; start the client with --allow-model " + name)
+        device = resolve_device(self.device_spec or config.client.device)
+        dtype = torch.get_default_dtype()
+
+        def model_factory() -> torch.nn.Module:
+            return build_model(name, input_shape=job.input_shape, num_classes=job.num_classes,
+                               hidden_units=config.model.hidden_units).to(dtype)
+
+        strategy = get_strategy(config.strategy.name).from_options(config.strategy.options)
+        privacy = build_round_privacy(config, num_clients=job.num_clients,
+                                      dataset_size=job.dataset_size)
+        trainer = privacy.make_trainer(model_factory(), device)
+        from confide.parameters import num_params
+
+        if num_params(trainer.model) != job.num_params:
+            raise ModelError(f"the job's model has {job.num_params} parameters but this client "
+                             f"builds {num_params(trainer.model)}; versions differ?")
+        built = _BuiltJob(config=config, strategy=strategy,
+                          pipeline=ClientPipeline(privacy.client_stages()), trainer=trainer,
+                          device=device)
+        self._built = {job.digest: built}  # one job at a time
+        return built
+
+    def _tensors(self, job: JobSpec, client_id: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (job.digest, client_id)
+        if key not in self._data:
+            self.source.check(client_id=client_id, input_shape=job.input_shape,
+                              num_classes=job.num_classes)
+            x, y = self.source.arrays(client_id=client_id)
+            self._data = {k: v for k, v in self._data.items() if k[0] == job.digest}
+            self._data[key] = (torch.as_tensor(x, dtype=torch.get_default_dtype(),
+                                               device=device),
+                               torch.as_tensor(y, device=device))
+        return self._data[key]
+
+    def train(self, task: ClientTask, job: JobSpec) -> ClientResult:
+        """Run one task (raises ClientDropped on injected dropouts)."""
+        built = self._build(job)
+        x, y = self._tensors(job, task.client_id, built.device)
+        session = self.session(task.client_id)
+        session.job, session.config, session.last_task = job, built.config, task
+        result = run_client_task(task, built.trainer, x, y, built.strategy, built.pipeline)
+        session.last_result = result
+        return result
+
+
+def _error_reply(message: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason[:500]), reply_to=message)
+
+
+def build_client_app(runner: TaskRunner | Callable[[], TaskRunner], *,
+                     identity: Callable[[Context], dict[str, Any]]) -> ClientApp:
+    """The Flower ClientApp around ``runner``; ``identity`` answers hello queries.
+
+    ``runner`` may be a callable returning the runner: Flower's Ray backend pickles the
+    ClientApp with every message, so simulation passes a small handle that finds a runner
+    cached in the actor process instead of shipping one.
+    """
+    app = ClientApp()
+    get_runner = runner if callable(runner) else (lambda: runner)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        try:
+            task, job = decode_task(message.content)
+            result = get_runner().train(task, job)
+        except ClientDropped as exc:
+            return _error_reply(message, ERROR_DROPPED, str(exc))
+        except ConfideError as exc:
+            log.error("task refused: %s", exc)
+            return _error_reply(message, ERROR_REFUSED, str(exc))
+        return Message(encode_result(result), reply_to=message)
+
+    @app.query("confide_hello")
+    def hello(message: Message, context: Context) -> Message:
+        return Message(RecordDict({"confide.hello": ConfigRecord(identity(context))}),
+                       reply_to=message)
+
+    @app.query("confide_finish")
+    def finish(message: Message, context: Context) -> Message:
+        return Message(RecordDict({"confide.finish": ConfigRecord({"ok": True})}),
+                       reply_to=message)
+
+    for name, handler in _STAGES.items():
+        _register_stage(app, name, handler, get_runner)
+    return app
+
+
+def _register_stage(app: ClientApp, name: str, handler: StageHandler,
+                    get_runner: Callable[[], TaskRunner]) -> None:
+    @app.query(name)
+    def stage(message: Message, context: Context) -> Message:
+        try:
+            client_id = message.content.config_records["confide.stage"]["client_id"]
+            if not isinstance(client_id, int):
+                raise TypeError("client_id must be an integer")
+            reply = handler(message.content, get_runner().session(client_id))
+        except (ConfideError, KeyError, TypeError, ValueError) as exc:
+            return _error_reply(message, ERROR_REFUSED, f"stage {name}: {exc}")
+        return Message(reply, reply_to=message)
+

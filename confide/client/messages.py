@@ -1,0 +1,247 @@
+"""The wire format between Confide's ServerApp and ClientApp, on Flower's records.
+
+Every tensor travels as a Flower ``Array`` in an ``ArrayRecord`` (numpy's ``.npy`` format,
+written and read with ``allow_pickle=False``); every scalar and string in a
+``ConfigRecord``. Nothing is pickled, and every field a peer sends is checked on arrival:
+a malformed or oversized reply raises :class:`~confide.exceptions.ProtocolError`, and the
+coordinator treats that client as dropped.
+
+Message types: ``train`` carries a :class:`~confide.client.ClientTask` plus the
+:class:`JobSpec`; ``query.confide_hello`` asks a node who it is; ``query.confide_finish``
+tells nodes the job is over; ``query.<stage>`` messages carry extra protocol stages (secure
+aggregation) as plain records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from confide.client.round import ClientResult, ClientTask
+from confide.client.trainer import TrainSettings
+from confide.exceptions import ProtocolError
+from confide.strategies.base import RoundInstructions
+
+__all__ = [
+    "JobSpec",
+    "TRAIN",
+    "HELLO",
+    "FINISH",
+    "encode_task",
+    "decode_task",
+    "encode_result",
+    "decode_result",
+    "tensor_to_array",
+    "array_to_tensor",
+]
+
+TRAIN = "train"
+HELLO = "query.confide_hello"
+FINISH = "query.confide_finish"
+
+_TASK, _TENSORS, _JOB = "confide.task", "confide.tensors", "confide.job"
+_RESULT, _RESULT_TENSORS = "confide.result", "confide.result_tensors"
+_SCALARS = (int, float, str, bool)
+#: metric/info entries a client may report per round
+_MAX_ENTRIES = 64
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a client needs to run the job: the resolved config and the model's shape.
+
+    ``config_toml`` is the whole resolved job config (``confide.config.dump_config``), so
+    the client builds the same strategy, privacy stages and trainer as the coordinator.
+    """
+
+    config_toml: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    num_params: int
+    num_clients: int
+    dataset_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """Identifies the job (clients cache what they build per job)."""
+        text = f"{self.config_toml}|{self.input_shape}|{self.num_classes}|{self.num_params}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def tensor_to_array(t: torch.Tensor) -> Array:
+    """A torch tensor as a Flower Array (numpy ``.npy`` bytes, never pickled)."""
+    return Array(np.ascontiguousarray(t.detach().cpu().numpy()))
+
+
+def array_to_tensor(a: Any, *, name: str, length: int | None = None) -> torch.Tensor:
+    """A received Flower Array as a 1-D float tensor, checked against ``length``."""
+    if not isinstance(a, Array):
+        raise ProtocolError(f"{name}: expected an array")
+    try:
+        arr = a.numpy()
+    except (ValueError, TypeError, OSError) as exc:
+        raise ProtocolError(f"{name}: unreadable array ({exc})") from None
+    if arr.dtype.kind != "f" or arr.ndim != 1:
+        raise ProtocolError(f"{name}: expected a 1-D float vector, got {arr.dtype} {arr.shape}")
+    if length is not None and arr.shape[0] != length:
+        raise ProtocolError(f"{name}: expected {length} entries, got {arr.shape[0]}")
+    return torch.from_numpy(arr.copy())
+
+
+def _get(record: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    try:
+        value = record[key]
+    except (KeyError, TypeError):
+        raise ProtocolError(f"{what}: field {key!r} is missing") from None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"{what}: field {key!r} has the wrong type")
+    return value
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def encode_task(task: ClientTask, job: JobSpec) -> RecordDict:
+    """A round's task for one client as Flower records."""
+    s = task.settings
+    cfg: dict[str, Any] = {
+        "client_id": task.client_id, "server_round": task.server_round, "seed": task.seed,
+        "epochs": s.epochs, "batch_size": s.batch_size, "lr": float(s.lr),
+        "momentum": float(s.momentum), "weight_decay": float(s.weight_decay),
+        "optimizer": s.optimizer,
+        "drop_after_steps": -1 if task.drop_after_steps is None else task.drop_after_steps,
+    }
+    for k, value in task.instructions.values.items():
+        cfg[f"value.{k}"] = float(value)
+    tensors = {"global_params": tensor_to_array(task.global_params)}
+    for k, t in task.instructions.tensors.items():
+        tensors[f"instr.{k}"] = tensor_to_array(t)
+    for k, t in task.client_state.items():
+        tensors[f"state.{k}"] = tensor_to_array(t)
+    job_cfg: dict[str, Any] = {"config_toml": job.config_toml, "input_shape": list(job.input_shape),
+               "num_classes": job.num_classes, "num_params": job.num_params,
+               "num_clients": job.num_clients, "dataset_size": job.dataset_size}
+    for k, v in job.extra.items():
+        job_cfg[f"extra.{k}"] = v
+    return RecordDict({_TASK: ConfigRecord(cfg), _TENSORS: ArrayRecord(tensors),
+                       _JOB: ConfigRecord(job_cfg)})
+
+
+def decode_job(content: RecordDict) -> JobSpec:
+    """The job spec carried by a task (ProtocolError if malformed)."""
+    what = "task"
+    try:
+        job = content.config_records[_JOB]
+    except KeyError:
+        raise ProtocolError("task: the job description is missing") from None
+    shape = _get(job, "input_shape", list, what)
+    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ProtocolError("task: bad input_shape")
+    extra = {k[len("extra."):]: v for k, v in job.items() if k.startswith("extra.")}
+    return JobSpec(config_toml=_get(job, "config_toml", str, what), input_shape=tuple(shape),
+                   num_classes=_get(job, "num_classes", int, what),
+                   num_params=_get(job, "num_params", int, what),
+                   num_clients=_get(job, "num_clients", int, what),
+                   dataset_size=_get(job, "dataset_size", int, what), extra=extra)
+
+
+def decode_task(content: RecordDict) -> tuple[ClientTask, JobSpec]:
+    """The task and job spec of a ``train`` message (ProtocolError if malformed)."""
+    what = "task"
+    job = decode_job(content)
+    try:
+        cfg = content.config_records[_TASK]
+        tensors = content.array_records[_TENSORS]
+    except KeyError:
+        raise ProtocolError("task: records are missing") from None
+    settings = TrainSettings(
+        epochs=_get(cfg, "epochs", int, what), batch_size=_get(cfg, "batch_size", int, what),
+        lr=_get(cfg, "lr", float, what), momentum=_get(cfg, "momentum", float, what),
+        weight_decay=_get(cfg, "weight_decay", float, what),
+        optimizer=_get(cfg, "optimizer", str, what))
+    if settings.epochs < 1 or settings.batch_size < 1 or settings.optimizer not in ("sgd", "adam"):
+        raise ProtocolError("task: bad training settings")
+    n = job.num_params
+    params = array_to_tensor(tensors.get("global_params"), name="global_params", length=n)
+    instr_t = {k[len("instr."):]: array_to_tensor(v, name=k, length=n)
+               for k, v in tensors.items() if k.startswith("instr.")}
+    state = {k[len("state."):]: array_to_tensor(v, name=k, length=n)
+             for k, v in tensors.items() if k.startswith("state.")}
+    values = {k[len("value."):]: float(v) for k, v in cfg.items()  # type: ignore[arg-type]
+              if k.startswith("value.") and isinstance(v, int | float)}
+    drop = _get(cfg, "drop_after_steps", int, what)
+    task = ClientTask(
+        client_id=_get(cfg, "client_id", int, what),
+        server_round=_get(cfg, "server_round", int, what),
+        global_params=params, instructions=RoundInstructions(values=values, tensors=instr_t),
+        settings=settings, seed=_get(cfg, "seed", int, what), client_state=state,
+        drop_after_steps=None if drop < 0 else drop)
+    return task, job
+
+
+# --------------------------------------------------------------------------- results
+
+
+def encode_result(result: ClientResult) -> RecordDict:
+    """A client's result as Flower records (only scalar metrics/info travel)."""
+    cfg: dict[str, Any] = {"client_id": result.client_id, "num_examples": result.num_examples,
+                           "num_steps": result.num_steps}
+    for k, m in result.metrics.items():
+        cfg[f"metric.{k}"] = float(m)
+    for k, v in result.info.items():
+        if isinstance(v, _SCALARS):
+            cfg[f"info.{k}"] = v
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            cfg[f"info.{k}"] = float(v)
+    tensors = {"update": tensor_to_array(result.update)}
+    for k, t in result.aux.items():
+        tensors[f"aux.{k}"] = tensor_to_array(t)
+    for k, t in result.new_state.items():
+        tensors[f"state.{k}"] = tensor_to_array(t)
+    return RecordDict({_RESULT: ConfigRecord(cfg), _RESULT_TENSORS: ArrayRecord(tensors)})
+
+
+def decode_result(content: RecordDict, *, client_id: int, num_params: int,
+                  aux_names: tuple[str, ...] = ()) -> ClientResult:
+    """A client's reply, checked: its id, vector lengths, counts and metric sizes."""
+    what = f"reply of client {client_id}"
+    try:
+        cfg = content.config_records[_RESULT]
+        tensors = content.array_records[_RESULT_TENSORS]
+    except KeyError:
+        raise ProtocolError(f"{what}: records are missing") from None
+    if _get(cfg, "client_id", int, what) != client_id:
+        raise ProtocolError(f"{what}: it claims to be another client")
+    num_examples = _get(cfg, "num_examples", int, what)
+    num_steps = _get(cfg, "num_steps", int, what)
+    if num_examples < 0 or num_steps < 0:
+        raise ProtocolError(f"{what}: negative counts")
+    if len(cfg) > 3 + 2 * _MAX_ENTRIES or len(tensors) > 1 + 2 * _MAX_ENTRIES:
+        raise ProtocolError(f"{what}: too many entries")
+    update = array_to_tensor(tensors.get("update"), name="update", length=num_params)
+    aux = {k[len("aux."):]: array_to_tensor(v, name=k, length=num_params)
+           for k, v in tensors.items() if k.startswith("aux.")}
+    missing = [a for a in aux_names if a not in aux]
+    if missing:
+        raise ProtocolError(f"{what}: auxiliary vector {missing[0]!r} is missing")
+    state = {k[len("state."):]: array_to_tensor(v, name=k, length=num_params)
+             for k, v in tensors.items() if k.startswith("state.")}
+    metrics = {}
+    for k, v in cfg.items():
+        if k.startswith("metric."):
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                raise ProtocolError(f"{what}: metric {k!r} is not a number")
+            metrics[k[len("metric."):]] = float(v)
+    info = {k[len("info."):]: v for k, v in cfg.items() if k.startswith("info.")}
+    if "train_loss" in metrics and not math.isfinite(metrics["train_loss"]):
+        metrics["train_loss"] = float("nan")
+    return ClientResult(client_id=client_id, update=update, num_examples=num_examples,
+                        num_steps=num_steps, metrics=metrics, aux=aux, new_state=state,
+                        info=info)

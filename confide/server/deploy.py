@@ -1,0 +1,606 @@
+"""``confide server start``: the coordinator on Flower's deployment runtime.
+
+One process owns the whole coordinator side:
+
+1. a ``flower-superlink`` child process bound to 127.0.0.1 on a free port, with TLS (the
+   federation's loopback certificate), SuperNode authentication, ``--isolation process``
+   (no Flower-launched ServerApp subprocess) and runtime dependency installation off;
+2. the enrolled clients' public keys registered as SuperNodes through the (loopback-only)
+   Control API, and one run started with a minimal app bundle that names Confide's apps;
+3. the run's task acquired through the Runtime API (its AcquireTask call signed with a
+   per-run SuperExec secret) and an ``HttpGrid`` on it;
+4. the public :class:`~confide.server.gateway.Gateway` (mutual TLS, enrolment, Fleet routes
+   only) on the advertised host and port;
+5. Confide's ServerApp: the :class:`~confide.server.coordinator.Coordinator` with a
+   :class:`~confide.server.flower_app.GridExecutor`, round after round, then a ``finish``
+   message to the clients and the task's final status.
+
+Clients take part in enrolment order as client ids ``0 .. data.num_clients - 1``. The
+coordinator re-reads the registry before every round: a revoked client is unregistered from
+the SuperLink, refused by the gateway and left out of the round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from confide.client.messages import JobSpec
+from confide.config import Config, dump_config, load_config
+from confide.exceptions import (
+    CheckpointError,
+    ConfideError,
+    ConfigError,
+    DataError,
+    RoundFailedError,
+)
+from confide.server.ca import Federation, load_federation
+from confide.server.enrolment import ClientRecord, EnrolmentAuthority
+from confide.server.flower_app import GridExecutor, NodeDirectory, build_server_app
+from confide.server.gateway import Gateway
+
+__all__ = ["DeployOptions", "run_deployment", "SuperLinkProcess", "free_port",
+           "check_deployable"]
+
+log = logging.getLogger("confide")
+
+_FAB_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "confide-job"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "confide"
+
+[tool.flwr.app.components]
+serverapp = "confide.server.flower_app:app"
+clientapp = "confide.client.flower_app:app"
+
+[tool.flwr.app.config]
+job = ""
+"""
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """``confide server start`` options besides the federation and the job."""
+
+    host: str = "127.0.0.1"
+    port: int = 9092
+    output: Path | None = None
+    insecure: bool = False
+    wait_for_clients_s: float = 300.0
+    round_timeout_s: float = 600.0
+    poll_interval_s: float = 0.01
+    max_poll_interval_s: float = 0.1
+    test_data: Path | None = None
+    superlink_start_timeout_s: float = 60.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the SuperLink gets SIGTERM if the coordinator dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class SuperLinkProcess:
+    """A loopback-only ``flower-superlink`` child process with TLS and node authentication."""
+
+    def __init__(self, *, federation: Federation, state_dir: Path, log_path: Path,
+                 start_timeout: float = 60.0) -> None:
+        self.federation = federation
+        self.state_dir = state_dir
+        self.log_path = log_path
+        self.start_timeout = start_timeout
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.secret_path = state_dir / "superexec.secret"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    def start(self) -> None:
+        """Start the SuperLink and wait until its API answers."""
+        p = self.federation.paths
+        fd = os.open(self.secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        exe = shutil.which("flower-superlink")
+        if exe is None:
+            raise ConfigError("flower-superlink is not installed; install 'confide[flower]'")
+        cmd = [exe, "--host", "127.0.0.1", "--port", str(self.port),
+               "--ssl-certfile", str(p.link_cert), "--ssl-keyfile", str(p.link_key),
+               "--ssl-ca-certfile", str(p.ca_cert), "--enable-supernode-auth",
+               "--isolation", "process", "--disable-runtime-dependency-installation",
+               "--superexec-auth-secret-file", str(self.secret_path)]
+        env = dict(os.environ, FLWR_HOME=str(self.state_dir / "flwr"),
+                   FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # noqa: PLW1509
+        ctx = ssl.create_default_context(cafile=str(p.ca_cert))
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ConfideError(f"the SuperLink exited at start-up (code "
+                                   f"{self.process.returncode}); see {self.log_path}")
+            try:
+                if httpx.get(f"https://{self.address}/health", verify=ctx, timeout=2
+                             ).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise ConfideError(f"the SuperLink did not start within {self.start_timeout:g} s; "
+                           f"see {self.log_path}")
+
+    def stop(self) -> None:
+        """Terminate the SuperLink (and kill it if it lingers)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _fast_pull_grid_class() -> type:
+    """Flower's ``HttpGrid`` pulling reply objects with a 10 ms back-off instead of 1 s.
+
+    A reply's message header can reach the SuperLink a few milliseconds before its objects
+    do; ``HttpGrid.pull_messages`` then retries after Flower's default 1 s back-off, which
+    alone would exceed a round's time budget on a fast network. Same protocol, same checks.
+    """
+    from flwr.app.message import Message
+    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import (
+        ObjectPullError,
+        inflate_object_from_contents,
+        pull_objects,
+    )
+    from flwr.superlink.grid import HttpGrid
+
+    class FastPullHttpGrid(HttpGrid):
+        def pull_messages(self, message_ids: Any) -> list[Message]:
+            run_id = self.run.run_id
+            res = self._runtime_client.PullMessages(
+                PullAppMessagesRequest(message_ids=list(message_ids)))
+            out: list[Message] = []
+            for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
+                mid = proto.metadata.message_id
+                try:
+                    contents = pull_objects(
+                        [t.object_id for t in iterate_object_tree(tree)],
+                        pull_object_fn=make_pull_object_fn_protobuf(
+                            self._runtime_client.PullObject, self.node, run_id),
+                        initial_backoff=0.01, backoff_cap=0.5, max_time=60)
+                except ObjectPullError as exc:  # the reply counts as missing
+                    log.warning("a reply's objects never arrived: %s", exc)
+                    continue
+                self._runtime_client.ConfirmMessageReceived(ConfirmMessageReceivedRequest(
+                    node=self.node, run_id=run_id, message_object_id=mid))
+                message: Any = inflate_object_from_contents(mid, contents)
+                message.metadata.__dict__["_message_id"] = mid
+                out.append(message)
+            return out
+
+    return FastPullHttpGrid
+
+
+class _Runtime:
+    """The coordinator's loopback clients of the SuperLink's Control and Runtime APIs."""
+
+    def __init__(self, link: SuperLinkProcess) -> None:
+        from flwr.supercore.control.control_http_client import ControlHttpClient
+
+        self.link = link
+        self.ca_pem = link.federation.paths.ca_cert.read_bytes()
+        self.control = ControlHttpClient(f"https://{link.address}",
+                                         verify=str(link.federation.paths.ca_cert))
+        self.grid: Any = None
+        self._heartbeat: Any = None
+
+    def register(self, record: ClientRecord) -> int:
+        """Register an enrolled client's key as a SuperNode; returns its node id."""
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+
+        res = self.control.RegisterNode(RegisterNodeRequest(
+            public_key=record.public_key.encode("ascii"), name=record.name))
+        return int(res.node_id)
+
+    def unregister(self, node_id: int) -> None:
+        """Remove a SuperNode (its authenticated requests fail from now on)."""
+        from flwr.proto.control_pb2 import UnregisterNodeRequest
+
+        self.control.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+
+    def start_run(self, job_digest: str) -> Any:
+        """Start the run and take its ServerApp task; returns the connected HttpGrid."""
+        from flwr.cli.build import build_fab_from_files
+        from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
+        from flwr.proto.control_pb2 import StartRunRequest
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.fab import Fab
+        from flwr.supercore.heartbeat import HeartbeatSender
+        from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supercore.task_identity import TaskIdentity
+
+        fab_bytes, _ = build_fab_from_files({"pyproject.toml": _FAB_PYPROJECT.encode()})
+        fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+        res = self.control.StartRun(StartRunRequest(
+            fab=fab_to_proto(fab), override_config=user_config_to_proto({"job": job_digest})))
+        if not res.HasField("run_id"):
+            raise ConfideError("the SuperLink refused to start the run")
+        secret = self.link.secret_path.read_bytes()
+        runtime = RuntimeHttpClient.from_server_address(
+            server_address=self.link.address, insecure=False, root_certificates=self.ca_pem,
+            interceptors=[SuperExecAuthHttpInterceptor(
+                master_secret=secret,
+                protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}))])
+        token = ""
+        deadline = time.monotonic() + 30
+        while not token and time.monotonic() < deadline:
+            acquired = runtime.AcquireTask(AcquireTaskRequest(
+                supported_task_types=[TaskType.SERVER_APP.value]))
+            token = acquired.token
+            if not token:
+                time.sleep(0.1)
+        runtime.close()
+        if not token:
+            raise ConfideError("could not acquire the run's ServerApp task from the SuperLink")
+        grid = _fast_pull_grid_class()(self.link.address, insecure=False,
+                                       root_certificates=self.ca_pem, token=token)
+        task = grid._runtime_client.PullTaskInput(PullTaskInputRequest())  # noqa: SLF001
+        run = run_from_proto(task.run)
+        TaskIdentity.task_id = task.task_id
+        TaskIdentity.run_id = run.run_id
+        TaskIdentity.node_id = task.context.node_id
+        grid.set_run(run)
+        self.grid = grid
+        self._heartbeat = HeartbeatSender(self._task_heartbeat)
+        self._heartbeat.start()
+        return grid
+
+    def _task_heartbeat(self) -> bool:
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+        try:
+            res = self.grid._runtime_client.SendTaskHeartbeat(  # noqa: SLF001
+                SendTaskHeartbeatRequest())
+        except httpx.HTTPError:
+            return False
+        return bool(res.success)
+
+    def finish_run(self, *, ok: bool, details: str) -> None:
+        """Record the task's final status and close the Runtime connection."""
+        from flwr.common.constant import SubStatus
+        from flwr.proto.runtime_pb2 import PushTaskOutputRequest
+
+        if self._heartbeat is not None and self._heartbeat.is_running:
+            self._heartbeat.stop()
+        if self.grid is not None:
+            with contextlib.suppress(httpx.HTTPError):
+                self.grid._retry_invoker.max_tries = 1  # noqa: SLF001
+                self.grid._runtime_client.PushTaskOutput(PushTaskOutputRequest(  # noqa: SLF001
+                    sub_status=SubStatus.COMPLETED if ok else SubStatus.FAILED,
+                    details=details))
+            self.grid.close()
+        self.control.close()
+
+
+class _EnrolledClients(NodeDirectory):
+    """Client ids are enrolment order; node ids come from registering the enrolled keys."""
+
+    def __init__(self, *, authority: EnrolmentAuthority, runtime: _Runtime, size: int) -> None:
+        self.authority = authority
+        self.runtime = runtime
+        self.size = size
+        self.records: list[ClientRecord] = []
+        self.node_ids: dict[str, int] = {}
+        self.revoked: set[str] = set()
+        self.online: set[int] = set()
+        self._lock = threading.Lock()
+
+    def admit(self) -> None:
+        """Register enrolled clients as SuperNodes until the job's population is full."""
+        with self._lock:
+            for record in self.authority.registry.active_clients():
+                if len(self.records) >= self.size:
+                    return
+                if record.name not in self.node_ids:
+                    self.node_ids[record.name] = self.runtime.register(record)
+                    self.records.append(record)
+
+    def refresh(self) -> None:  # noqa: D102
+        current = {c.name: c for c in self.authority.registry.clients()}
+        for record in self.records:
+            now = current.get(record.name)
+            if (now is None or not now.active) and record.name not in self.revoked:
+                self.revoked.add(record.name)
+                log.warning("client %r is revoked; it is excluded from now on", record.name)
+                node = self.node_ids.get(record.name)
+                if node is not None:
+                    with contextlib.suppress(httpx.HTTPError):
+                        self.runtime.unregister(node)
+        self.online = set(self.runtime.grid.get_node_ids())
+
+    def node_of(self, client_id: int) -> int | str:  # noqa: D102
+        if client_id >= len(self.records):
+            return f"client {client_id} never enrolled"
+        record = self.records[client_id]
+        if record.name in self.revoked:
+            return f"client {record.name!r} is revoked"
+        node = self.node_ids.get(record.name)
+        if node is None or node not in self.online:
+            return f"client {record.name!r} is not connected"
+        return node
+
+    def all_nodes(self) -> list[int]:  # noqa: D102
+        return sorted(self.node_ids[r.name] for r in self.records
+                      if r.name in self.node_ids and r.name not in self.revoked)
+
+    def connected(self) -> int:
+        """How many admitted, non-revoked clients are online."""
+        self.online = set(self.runtime.grid.get_node_ids())
+        return sum(1 for r in self.records if self.node_ids.get(r.name) in self.online
+                   and r.name not in self.revoked)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class _Evaluation:
+    x: torch.Tensor
+    y: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+    dataset_size: int
+
+
+def check_deployable(config: Config) -> None:
+    """Job settings that only make sense in simulation are refused, with one line."""
+    if config.simulation.dropout_rate > 0:
+        raise ConfigError("simulation.dropout_rate injects faults in simulation only; set it "
+                          "to 0 for a deployed job")
+
+
+def _evaluation_data(config: Config, test_data: Path | None) -> _Evaluation:
+    """The coordinator's held-out test set (it holds no client training data)."""
+    from confide.client.data import read_data_file
+    from confide.simulations.datasets import load_dataset
+
+    if test_data is not None:
+        x, y = read_data_file(test_data, label_column=config.data.label_column)
+        return _Evaluation(torch.as_tensor(x), torch.as_tensor(y), tuple(x.shape[1:]),
+                           int(y.max()) + 1, 0)
+    if config.data.path is not None:
+        raise DataError("a deployed coordinator holds no training data: give its test set "
+                        "with --test-data FILE.npz (arrays x, y) instead of data.path")
+    data = load_dataset(config.data.dataset, seed=config.run.seed,
+                        test_fraction=config.data.test_fraction)
+    return _Evaluation(torch.as_tensor(data.x_test), torch.as_tensor(data.y_test),
+                       data.input_shape, data.num_classes, len(data.y_train))
+
+
+def _prepare_run_dir(options: DeployOptions, config: Config) -> Path:
+    from confide.server.history import atomic_write_text
+    from confide.simulations.run import new_run_dir
+
+    run_dir = options.output if options.output is not None else new_run_dir(config)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(f"output folder {str(run_dir)!r} already holds files; choose "
+                              "another --output")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", dump_config(config))
+    return run_dir
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the SuperLink and gateway are always stopped."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
+                   overrides: list[str] | None = None, options: DeployOptions = DeployOptions(),
+                   on_start: Callable[[str], None] | None = None,
+                   on_round_end: Callable[[dict[str, Any]], None] | None = None
+                   ) -> tuple[Path, list[dict[str, Any]]]:
+    """Run a job across enrolled clients; returns the run folder and the history."""
+    from confide.client.trainer import evaluate_model
+    from confide.models import build_model
+    from confide.parameters import get_flat_params, num_params, set_flat_params
+    from confide.privacy import build_round_privacy
+    from confide.seeding import derive_seed
+    from confide.server.coordinator import Coordinator
+    from confide.simulations.run import build_aggregator
+    from confide.strategies.registry import get_strategy
+
+    # Everything a user can get wrong is checked before anything starts or is written.
+    federation = load_federation(ca_dir)
+    config = load_config(config_path, overrides or [])
+    check_deployable(config)
+    evaluation = _evaluation_data(config, options.test_data)
+    strategy = get_strategy(config.strategy.name).from_options(config.strategy.options)
+    authority = EnrolmentAuthority(federation)
+    n = config.data.num_clients
+    dtype = torch.get_default_dtype()
+
+    def model_factory() -> torch.nn.Module:
+        return build_model(config.model.name, input_shape=evaluation.input_shape,
+                           num_classes=evaluation.num_classes,
+                           hidden_units=config.model.hidden_units).to(dtype)
+
+    torch.manual_seed(derive_seed(config.run.seed, "model-init"))
+    model = model_factory()
+    params = get_flat_params(model).cpu()
+    privacy = build_round_privacy(config, num_clients=n, dataset_size=evaluation.dataset_size)
+    aggregator = build_aggregator(config)
+    job = JobSpec(config_toml=dump_config(config), input_shape=evaluation.input_shape,
+                  num_classes=evaluation.num_classes, num_params=num_params(model),
+                  num_clients=n, dataset_size=evaluation.dataset_size)
+    if options.insecure:
+        log.warning("--insecure: clients connect WITHOUT TLS; updates and tokens cross the "
+                    "network in the clear")
+    _check_population(authority, n)
+    authority.refresh_crl()
+
+    run_dir = _prepare_run_dir(options, config)
+    state_dir = Path(tempfile.mkdtemp(prefix="confide-link-"))
+    link = SuperLinkProcess(federation=federation, state_dir=state_dir,
+                            log_path=run_dir / "superlink.log",
+                            start_timeout=options.superlink_start_timeout_s)
+    gateway: Gateway | None = None
+    runtime: _Runtime | None = None
+    ok, details = False, "stopped"
+    history: list[dict[str, Any]] = []
+    with _terminate_on_sigterm():
+        try:
+            link.start()
+            runtime = _Runtime(link)
+            grid = runtime.start_run(job.digest)
+            directory = _EnrolledClients(authority=authority, runtime=runtime, size=n)
+            directory.admit()
+
+            def on_enrolled(record: ClientRecord) -> None:
+                directory.admit()
+
+            gateway = Gateway(federation=federation, host=options.host, port=options.port,
+                              upstream=link.address, insecure=options.insecure,
+                              authority=authority, on_enrolled=on_enrolled)
+            gateway.start()
+            address = f"{options.host}:{gateway.bound_port}"
+            if on_start is not None:
+                on_start(address)
+            log.info("coordinator listening on %s (run folder %s)", address, run_dir)
+            _wait_for_clients(directory, n, config.cohort.min_clients,
+                              options.wait_for_clients_s)
+
+            x_test, y_test = evaluation.x.to(dtype), evaluation.y
+            eval_model = model_factory()
+
+            def evaluator(flat: torch.Tensor) -> dict[str, float]:
+                set_flat_params(eval_model, flat)
+                return evaluate_model(eval_model, x_test, y_test)
+
+            executor = GridExecutor(grid=grid, nodes=directory, job=job,
+                                    aux_names=strategy.aux_names,
+                                    round_timeout=options.round_timeout_s,
+                                    poll_interval=options.poll_interval_s,
+                                    max_poll_interval=options.max_poll_interval_s)
+
+            def main(grid_: Any, _context: Any) -> None:
+                coordinator = Coordinator(
+                    config=config, strategy=strategy, executor=executor, aggregator=aggregator,
+                    privacy=privacy, params=params, num_clients=n, client_sizes=[0] * n,
+                    evaluator=evaluator, run_dir=run_dir, on_round_end=on_round_end)
+                history.extend(coordinator.run())
+                set_flat_params(model, coordinator.params)
+                tmp = run_dir / ".model.pt.tmp"
+                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+                tmp.replace(run_dir / "model.pt")
+
+            from flwr.app import Context, RecordDict
+
+            build_server_app(main)(grid, Context(run_id=grid.run.run_id, node_id=0,
+                                                 node_config={}, state=RecordDict(),
+                                                 run_config={}))
+            executor.finish()
+            ok, details = True, ""
+        except KeyboardInterrupt:
+            details = "stopped by the operator"
+            raise
+        except ConfideError as exc:
+            details = str(exc)
+            raise
+        finally:
+            if runtime is not None:
+                runtime.finish_run(ok=ok, details=details)
+            if gateway is not None:
+                gateway.stop()
+            link.stop()
+            shutil.rmtree(state_dir, ignore_errors=True)
+    return run_dir, history
+
+
+def _check_population(authority: EnrolmentAuthority, n: int) -> None:
+    active = authority.registry.active_clients()
+    if len(active) > n:
+        raise ConfigError(f"{len(active)} clients are enrolled but the job expects "
+                          f"data.num_clients = {n}; set data.num_clients = {len(active)} or "
+                          "revoke the extra clients")
+
+
+def _wait_for_clients(directory: _EnrolledClients, n: int, min_clients: int,
+                      wait_s: float) -> None:
+    """Until all ``n`` clients are enrolled and connected, or ``wait_s`` runs out."""
+    deadline = time.monotonic() + wait_s
+    connected = 0
+    while time.monotonic() < deadline:
+        directory.admit()
+        connected = directory.connected()
+        if connected >= n:
+            return
+        time.sleep(0.1)
+    if connected < min_clients:
+        raise RoundFailedError(f"only {connected} of {n} clients connected within {wait_s:g} s "
+                               f"(cohort.min_clients = {min_clients}); enrol and start the "
+                               "clients ('confide client start') and try again")
+    log.warning("%d of %d clients connected; starting without the others", connected, n)

@@ -1,0 +1,225 @@
+"""Confide's Flower ServerApp side: the coordinator's round loop over a Flower ``Grid``.
+
+:class:`GridExecutor` is an :class:`~confide.simulations.executors.Executor`: for each round
+it sends every sampled client's :class:`~confide.client.ClientTask` as a ``train`` Message to
+that client's node, polls the Grid for the replies (at ``poll_interval``, not Flower's fixed
+3 s), and decodes them into :class:`~confide.client.ClientResult` objects. A client whose node is
+unknown, offline or revoked, whose reply is an error or malformed, or who does not answer
+within ``round_timeout`` becomes a dropped outcome; the coordinator's quorum rule decides
+whether the round goes on. :meth:`GridExecutor.exchange` sends any extra protocol stage
+(secure aggregation's rounds of messages) the same way.
+
+The same executor runs on Flower's deployment runtime (``HttpGrid`` to a SuperLink, see
+:mod:`confide.server.deploy`) and on its simulation engine (``InMemoryGrid`` with Ray, see
+:mod:`confide.simulations.flower`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from confide.client import ClientTask
+from confide.client.flower_app import ERROR_DROPPED
+from confide.client.messages import FINISH, HELLO, TRAIN, JobSpec, decode_result, encode_task
+from confide.exceptions import ProtocolError
+from confide.simulations.executors import ClientOutcome, Executor
+
+__all__ = ["NodeDirectory", "GridExecutor", "build_server_app", "discover_nodes"]
+
+log = logging.getLogger("confide")
+
+
+class NodeDirectory(ABC):
+    """Maps Confide client ids to Flower node ids, and says who may take part."""
+
+    def refresh(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Called before every round (re-read revocations, online nodes ...)."""
+
+    @abstractmethod
+    def node_of(self, client_id: int) -> int | str:
+        """The node id serving ``client_id``, or why the client cannot take part."""
+
+    @abstractmethod
+    def all_nodes(self) -> list[int]:
+        """Node ids of every client that may take part."""
+
+
+class GridExecutor(Executor):
+    """Runs client tasks as Flower Messages through a Grid."""
+
+    name = "flower-grid"
+
+    def __init__(self, *, grid: Grid, nodes: NodeDirectory, job: JobSpec,
+                 aux_names: tuple[str, ...] = (), round_timeout: float = 600.0,
+                 poll_interval: float = 0.01, max_poll_interval: float = 0.1) -> None:
+        # No SimulationContext: a deployed coordinator holds no client data.
+        self.grid = grid
+        self.nodes = nodes
+        self.job = job
+        self.aux_names = aux_names
+        self.round_timeout = round_timeout
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max(poll_interval, max_poll_interval)
+
+    # ------------------------------------------------------------------ messaging
+    def _collect(self, sent: Mapping[str, int], timeout: float) -> dict[int, Message]:
+        """Replies to the messages ``sent`` (message id -> client id) until ``timeout``.
+
+        Polls every ``poll_interval`` at first and backs off by 1.5x per empty poll up to
+        ``max_poll_interval``: each poll costs the SuperLink a few milliseconds of CPU, which
+        on a small machine competes with training.
+        """
+        pending = set(sent)
+        replies: dict[int, Message] = {}
+        deadline = time.monotonic() + timeout
+        interval = self.poll_interval
+        while pending:
+            got = False
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    replies[sent[mid]] = reply
+                    got = True
+            if not pending or time.monotonic() >= deadline:
+                break
+            interval = self.poll_interval if got else min(interval * 1.5,
+                                                          self.max_poll_interval)
+            time.sleep(interval)
+        return replies
+
+    def _push(self, messages: list[tuple[int, Message]]) -> tuple[dict[str, int], dict[int, str]]:
+        """Push ``(client_id, message)`` pairs; returns sent ids and push failures."""
+        if not messages:
+            return {}, {}
+        ids = list(self.grid.push_messages([m for _, m in messages]))
+        sent, failed = {}, {}
+        for (cid, _), mid in zip(messages, ids, strict=False):
+            if mid:
+                sent[mid] = cid
+            else:
+                failed[cid] = "the runtime refused the message"
+        for cid, _ in messages[len(ids):]:
+            failed[cid] = "the runtime refused the message"
+        return sent, failed
+
+    def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:  # noqa: D102
+        self.nodes.refresh()
+        outcomes: dict[int, ClientOutcome] = {}
+        messages: list[tuple[int, Message]] = []
+        for task in tasks:
+            node = self.nodes.node_of(task.client_id)
+            if isinstance(node, str):
+                outcomes[task.client_id] = ClientOutcome(task.client_id, failure=node)
+                continue
+            content = encode_task(task, self.job)
+            messages.append((task.client_id, Message(
+                content, dst_node_id=node, message_type=TRAIN, ttl=self.round_timeout,
+                group_id=str(task.server_round))))
+        sent, failed = self._push(messages)
+        for cid, why in failed.items():
+            outcomes[cid] = ClientOutcome(cid, failure=why)
+        replies = self._collect(sent, self.round_timeout)
+        for cid in sent.values():
+            reply = replies.get(cid)
+            if reply is None:
+                outcomes[cid] = ClientOutcome(cid, failure=f"no reply within "
+                                              f"{self.round_timeout:g} s")
+            elif reply.has_error():
+                err = reply.error
+                kind = "left the round" if err.code == ERROR_DROPPED else "failed"
+                outcomes[cid] = ClientOutcome(cid, failure=f"{kind}: {err.reason}")
+            else:
+                try:
+                    result = decode_result(reply.content, client_id=cid,
+                                           num_params=self.job.num_params,
+                                           aux_names=self.aux_names)
+                except ProtocolError as exc:
+                    log.warning("client %d sent a malformed reply: %s", cid, exc)
+                    outcomes[cid] = ClientOutcome(cid, failure=f"malformed reply ({exc})")
+                    continue
+                outcomes[cid] = ClientOutcome(cid, result=result)
+        return [outcomes[t.client_id] for t in tasks]
+
+    def exchange(self, stage: str, requests: Mapping[int, RecordDict], *, server_round: int,
+                 timeout: float | None = None) -> dict[int, RecordDict | str]:
+        """Send one protocol stage: ``client id -> records`` out, replies (or why none) back.
+
+        Each request gets a ``confide.stage`` record naming the client, so the client-side
+        handler (:func:`confide.client.flower_app.register_client_stage`) finds its session.
+        """
+        out: dict[int, RecordDict | str] = {}
+        messages: list[tuple[int, Message]] = []
+        for cid, content in requests.items():
+            node = self.nodes.node_of(cid)
+            if isinstance(node, str):
+                out[cid] = node
+                continue
+            records = RecordDict(dict(content.items()))
+            records["confide.stage"] = ConfigRecord({"client_id": cid, "stage": stage,
+                                                     "server_round": server_round})
+            messages.append((cid, Message(records, dst_node_id=node,
+                                          message_type=f"query.{stage}",
+                                          ttl=timeout or self.round_timeout,
+                                          group_id=str(server_round))))
+        sent, failed = self._push(messages)
+        out.update(failed)
+        replies = self._collect(sent, timeout or self.round_timeout)
+        for cid in sent.values():
+            reply = replies.get(cid)
+            if reply is None:
+                out[cid] = "no reply"
+            elif reply.has_error():
+                out[cid] = reply.error.reason or "error"
+            else:
+                out[cid] = reply.content
+        return out
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """Tell every node the job is over (clients then exit); best effort."""
+        messages = [(i, Message(RecordDict({"confide.finish": ConfigRecord({"ok": True})}),
+                                dst_node_id=node, message_type=FINISH, ttl=timeout))
+                    for i, node in enumerate(self.nodes.all_nodes())]
+        try:
+            sent, _ = self._push(messages)
+            self._collect(sent, timeout)
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.info("could not tell every client the job is over: %s", exc)
+
+
+def discover_nodes(grid: Grid, *, expected: int, timeout: float,
+                   poll_interval: float = 0.05) -> dict[int, dict[str, object]]:
+    """Ask every online node who it is (``query.confide_hello``); node id -> identity."""
+    deadline = time.monotonic() + timeout
+    node_ids: list[int] = []
+    while time.monotonic() < deadline:
+        node_ids = list(grid.get_node_ids())
+        if len(node_ids) >= expected:
+            break
+        time.sleep(poll_interval)
+    messages = [Message(RecordDict({"confide.hello": ConfigRecord({})}), dst_node_id=n,
+                        message_type=HELLO, ttl=max(1.0, timeout)) for n in node_ids]
+    ids = list(grid.push_messages(messages))
+    pending = {mid: n for mid, n in zip(ids, node_ids, strict=False) if mid}
+    found: dict[int, dict[str, object]] = {}
+    while pending and time.monotonic() < deadline + timeout:
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None and not reply.has_error():
+                found[node] = dict(reply.content.config_records["confide.hello"].items())
+        if pending:
+            time.sleep(poll_interval)
+    return found
+
+
+def build_server_app(main: Callable[[Grid, Context], None]) -> ServerApp:
+    """A Flower ServerApp whose main function is ``main`` (the coordinator's job)."""
+    app = ServerApp()
+    app.main()(main)
+    return app
