@@ -8,6 +8,7 @@ from confide_testing import FAST
 
 from confide.client.round import ClientResult
 from confide.config import load_config
+from confide.exceptions import RoundFailedError
 from confide.server.aggregation import PlainAggregator
 from confide.simulations.run import build_simulation
 from confide.strategies import Scaffold, effective_local_steps
@@ -126,3 +127,34 @@ def test_simulation_keeps_c_equal_to_mean_of_client_variates():
     assert torch.allclose(c, total / 10, atol=1e-5)
     assert float(c.abs().max()) > 0
     assert sim.coordinator.history[-1]["test_accuracy"] > 0.2  # learns (chance is 0.1)
+
+
+class _KEtaScaffold(Scaffold):
+    """Option II dividing by K η_l even though the local optimizer has momentum."""
+
+    def client_finalize(self, instructions, client_state, client_update, *, num_steps, lr,
+                        momentum=0.0):
+        return super().client_finalize(instructions, client_state, client_update,
+                                       num_steps=num_steps, lr=lr, momentum=0.0)
+
+
+def test_local_momentum_keeps_control_variates_stable():
+    # NIID-Bench trains locally with SGD momentum 0.9. Option II must divide by the momentum
+    # path length: with plain K η_l, c_i is ~10x too large, the correction is fed through the
+    # momentum again, and the variates oscillate until the updates are NaN.
+    sets = ["run.rounds=8", "data.num_clients=10", "client.epochs=2", "client.device='cpu'",
+            "client.momentum=0.9", "client.lr=0.02", "strategy.name='scaffold'"]
+    sim = build_simulation(load_config(None, sets))
+    history = sim.coordinator.run()
+    assert all(r["num_clients"] == 10 for r in history)  # no client sent a non-finite update
+    assert history[-1]["test_accuracy"] > 0.8
+    assert float(sim.coordinator.strategy.c.abs().max()) < 1.0
+
+    naive = build_simulation(load_config(None, sets))
+    naive.coordinator.strategy = _KEtaScaffold()
+    naive.coordinator.executor.context.strategy = naive.coordinator.strategy
+    try:
+        diverged = any(r["num_clients"] < 10 for r in naive.coordinator.run())
+    except RoundFailedError:  # every client's update was non-finite
+        diverged = True
+    assert diverged
