@@ -1,0 +1,308 @@
+"""The secure aggregator: the coordinator learns only the sum of the cohort's contributions.
+
+:class:`SecureAggregator` implements :class:`confide.server.aggregation.Aggregator` with
+SecAgg+ (:mod:`confide.privacy.secagg.protocol`). In simulation every client's side of the
+protocol runs in process over :class:`~confide.privacy.secagg.transport.InProcessMessagePath`;
+the stages and bytes are exactly those a deployment sends over Flower's Grid.
+
+Per round: each reporting client's contribution ``[w * update, aux..., w]`` is quantised into
+Z_{2^b} (:mod:`~confide.privacy.secagg.quantisation`), masked, and summed; the coordinator
+decodes ``sum w_i u_i``, ``sum w_i`` and the auxiliary sums. Under ``privacy.mode =
+"distributed"`` the clients' updates arrive already encoded in Z_{2^b} by the distributed-DP
+stage, and the aggregator returns the raw modular sum for the privacy layer to decode.
+
+Fault injection: ``simulation.dropout_stage`` may name a protocol stage (``advertise_keys``,
+``share_keys``, ``masked_input``); ``simulation.dropout_rate`` of the reporting clients then
+leave right after answering that stage, chosen by the run's seed.
+
+``secure_aggregation.skip_pairwise_masks = true`` skips the cryptography entirely (NOT
+SECURE: the coordinator could see every contribution) but keeps the quantisation, the
+modular sum and any distributed-DP noise bit for bit, so accuracy numbers of huge
+simulations stay honest. It warns loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from confide.client import ClientResult
+from confide.config import Config
+from confide.exceptions import ConfigError, PrivacyError, RoundFailedError
+from confide.privacy.secagg.graph import graph_parameters
+from confide.privacy.secagg.primitives import mask_dtype
+from confide.privacy.secagg.protocol import (
+    INPUT_FLOATS,
+    INPUT_INTEGERS,
+    STAGES,
+    Contribution,
+    SecAggClient,
+    SecAggServer,
+)
+from confide.privacy.secagg.quantisation import Quantiser, check_capacity
+from confide.privacy.secagg.transport import InProcessMessagePath, run_secure_aggregation
+from confide.seeding import derive_rng
+from confide.server.aggregation import Aggregate, Aggregator, client_weight
+
+__all__ = ["SecureAggregator", "RoundReport", "PROTOCOL_DROPOUT_STAGES", "ENCODED_INFO_KEY"]
+
+log = logging.getLogger("confide")
+
+#: stages a simulated client can leave the protocol after (it answers, then goes silent)
+PROTOCOL_DROPOUT_STAGES = STAGES[:-1]
+#: ``ClientResult.info`` key set by a client stage that already encoded its update into
+#: Z_{2^b} (distributed DP); its value is the bit width b
+ENCODED_INFO_KEY = "secagg_encoded_bits"
+
+INSECURE_WARNING = (
+    "secure_aggregation.skip_pairwise_masks = true: NOT SECURE. Secure aggregation runs "
+    "WITHOUT masks or key agreement, so the coordinator can see every client's quantised "
+    "contribution. Quantisation and distributed-DP noise are kept exact; use this only to "
+    "measure accuracy in large simulations."
+)
+
+
+@dataclass
+class RoundReport:
+    """What one round of secure aggregation did (for logs, tests and benchmarks)."""
+
+    server_round: int
+    cohort: list[int]
+    degree: int
+    threshold: int
+    bits: int
+    vector_length: int
+    included: list[int]
+    dropped: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+    bytes_received: dict[int, int] = field(default_factory=dict)
+    client_seconds: dict[int, float] = field(default_factory=dict)
+    coordinator_seconds: float = 0.0
+    insecure: bool = False
+
+
+class _TimedPath(InProcessMessagePath):
+    """The in-process path, timing each client's handlers (for the report)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.seconds: dict[int, float] = {}
+
+    def exchange(self, stage, requests):  # type: ignore[no-untyped-def]  # noqa: D102
+        replies = {}
+        for cid, request in requests.items():
+            t0 = time.perf_counter()
+            replies.update(super().exchange(stage, {cid: request}))
+            self.seconds[cid] = self.seconds.get(cid, 0.0) + time.perf_counter() - t0
+        return replies
+
+
+class SecureAggregator(Aggregator):
+    """SecAgg+ over the round's reporting clients (Bonawitz et al. 2017; Bell et al. 2020)."""
+
+    dropout_stages = ("training", *PROTOCOL_DROPOUT_STAGES)
+
+    def __init__(self, config: Config) -> None:
+        sa = config.secure_aggregation
+        self.config = config
+        self.settings = sa
+        self.input_mode = INPUT_INTEGERS if config.privacy.mode == "distributed" else INPUT_FLOATS
+        expected = config.cohort_size()
+        if sa.neighbours is not None and sa.threshold is not None and sa.threshold > sa.neighbours:
+            raise ConfigError(f"secure_aggregation.threshold = {sa.threshold} exceeds "
+                              f"secure_aggregation.neighbours = {sa.neighbours}")
+        if sa.threshold is not None and sa.threshold > expected - 1:
+            raise ConfigError(f"secure_aggregation.threshold = {sa.threshold} exceeds the "
+                              f"{expected - 1} neighbours a client has in a cohort of "
+                              f"{expected}; lower it or raise cohort.size")
+        if expected < 3:
+            raise ConfigError(f"secure aggregation needs cohorts of at least 3 clients; "
+                              f"cohort.size gives {expected}")
+        if self.input_mode == INPUT_FLOATS:
+            check_capacity(cohort_size=expected, bits=sa.bits, max_weight=sa.max_weight)
+        graph_parameters(expected, dropout_rate=self._dropout_rate(),
+                         corrupt_rate=sa.corruption_tolerance)  # fails early on impossible rates
+        self._capped_warned = False
+        self.last_report: RoundReport | None = None
+        if sa.skip_pairwise_masks:
+            warnings.warn(INSECURE_WARNING, UserWarning, stacklevel=2)
+            log.warning(INSECURE_WARNING)
+
+    # ------------------------------------------------------------------ parameters
+    def _dropout_rate(self) -> float:
+        """The dropout rate the graph is sized for: the configured tolerance, or the
+        simulation's injected protocol dropout rate when that is larger.
+        """
+        sim = self.config.simulation
+        injected = sim.dropout_rate if sim.dropout_stage in PROTOCOL_DROPOUT_STAGES else 0.0
+        return max(self.settings.dropout_tolerance, injected)
+
+    def graph_for(self, n: int) -> tuple[int, int]:
+        """``(degree, threshold)`` for a cohort of ``n`` (explicit settings win)."""
+        sa = self.settings
+        if n < 3:
+            raise RoundFailedError(f"secure aggregation needs at least 3 clients, {n} reported")
+        k, t = graph_parameters(n, dropout_rate=self._dropout_rate(),
+                                corrupt_rate=sa.corruption_tolerance)
+        if sa.neighbours is not None:
+            k = min(sa.neighbours, n - 1)
+            t = min(max(2, math.ceil(2 * k / 3)), k)
+        if sa.threshold is not None:
+            t = sa.threshold
+        degree = min(k + k % 2, n - 1)  # Harary graphs are built with even degree
+        if t > degree:
+            raise RoundFailedError(f"secure_aggregation.threshold = {t} exceeds the "
+                                   f"{degree} neighbours a client has among {n} clients")
+        return degree, t
+
+    # ------------------------------------------------------------------ the round
+    def aggregate(self, results: Sequence[ClientResult], *, server_round: int,
+                  weighting: str) -> Aggregate:
+        """Run the protocol over ``results`` and decode the sum."""
+        results = sorted(results, key=lambda r: r.client_id)
+        n = len(results)
+        degree, threshold = self.graph_for(n)
+        first = results[0].update
+        dim = int(first.numel())
+        aux_names = sorted(results[0].aux)
+        for r in results:
+            if sorted(r.aux) != aux_names or int(r.update.numel()) != dim:
+                raise RoundFailedError(f"round {server_round}: clients report vectors of "
+                                       "different shapes; secure aggregation needs one layout")
+        contributions = {r.client_id: self._contribution(r, weighting, aux_names)
+                         for r in results}
+        bits = self.settings.bits
+        if self.input_mode == INPUT_INTEGERS:
+            if aux_names:
+                raise PrivacyError("distributed DP does not privatise auxiliary vectors "
+                                   f"({', '.join(aux_names)}); choose a strategy without them")
+            vector_length = dim + 1
+            quantiser = None
+        else:
+            quantiser = Quantiser(bits=bits, clipping_range=self.settings.clipping_range,
+                                  max_weight=self.settings.max_weight, cohort_size=n)
+            vector_length = quantiser.vector_length(dim, len(aux_names))
+        drop_after = self._protocol_dropouts([r.client_id for r in results], server_round)
+        report = RoundReport(server_round=server_round, cohort=[r.client_id for r in results],
+                             degree=degree, threshold=threshold, bits=bits,
+                             vector_length=vector_length, included=[],
+                             insecure=self.settings.skip_pairwise_masks)
+        rngs = {cid: derive_rng(self.config.run.seed, "secagg-rounding", server_round, cid)
+                for cid in contributions}
+        t0 = time.perf_counter()
+        if self.settings.skip_pairwise_masks:
+            words = self._insecure_sum(contributions, drop_after, quantiser, rngs, report)
+            report.coordinator_seconds = time.perf_counter() - t0
+        else:
+            server = SecAggServer(
+                cohort=list(contributions), server_round=server_round, bits=bits,
+                vector_length=vector_length, degree=degree, threshold=threshold,
+                max_weight=self.settings.max_weight,
+                clipping_range=self.settings.clipping_range, input_mode=self.input_mode)
+            clients = {cid: SecAggClient(cid, server_round=server_round, rng=rngs[cid])
+                       for cid in contributions}
+            path = _TimedPath(clients, contributions, drop_after)
+            try:
+                result = run_secure_aggregation(server, path)
+            finally:
+                elapsed = time.perf_counter() - t0
+                report.client_seconds = path.seconds
+                report.coordinator_seconds = elapsed - sum(path.seconds.values())
+                report.dropped = dict(server.result.dropped)
+                report.rejected = dict(server.result.rejected)
+                self.last_report = report
+            words = result.words
+            report.included = result.included
+            report.bytes_sent = result.bytes_sent
+            report.bytes_received = result.bytes_received
+        self.last_report = report
+        log.info("secure aggregation, round %d: %d of %d clients summed (degree %d, threshold "
+                 "%d, %d bits)%s", server_round, len(report.included), n, degree, threshold, bits,
+                 " WITHOUT MASKS (insecure)" if report.insecure else "")
+        return self._decode(words, report.included, first, dim, aux_names, quantiser)
+
+    def _contribution(self, r: ClientResult, weighting: str,
+                      aux_names: list[str]) -> Contribution:
+        if self.input_mode == INPUT_INTEGERS:
+            bits = r.info.get(ENCODED_INFO_KEY)
+            if bits != self.settings.bits:
+                raise PrivacyError(
+                    f"client {r.client_id}'s update was not encoded for a {self.settings.bits}"
+                    f"-bit secure sum (privacy.mode = 'distributed' encodes it; got {bits!r})")
+            return Contribution(update=r.update.detach().cpu().numpy().astype(np.int64),
+                                weight=1)
+        weight = client_weight(r, weighting)
+        w = int(round(weight))
+        if w != weight or w < 0:
+            raise RoundFailedError(f"client {r.client_id}'s weight {weight} is not a whole "
+                                   "number; secure aggregation sums integer weights")
+        if w > self.settings.max_weight:
+            if not self._capped_warned:
+                log.warning("client weights above secure_aggregation.max_weight = %d are "
+                            "capped (client %d has %d examples)", self.settings.max_weight,
+                            r.client_id, w)
+                self._capped_warned = True
+            w = self.settings.max_weight
+        return Contribution(update=r.update.detach().cpu().double().numpy(), weight=w,
+                            aux=tuple(r.aux[k].detach().cpu().double().numpy()
+                                      for k in aux_names))
+
+    def _protocol_dropouts(self, cohort: list[int], server_round: int) -> dict[int, str]:
+        sim = self.config.simulation
+        if sim.dropout_rate <= 0 or sim.dropout_stage not in PROTOCOL_DROPOUT_STAGES:
+            return {}
+        rng = derive_rng(self.config.run.seed, "secagg-dropout", server_round)
+        n_drop = int(round(sim.dropout_rate * len(cohort)))
+        chosen = rng.choice(len(cohort), size=n_drop, replace=False)
+        return {cohort[int(i)]: sim.dropout_stage for i in chosen}
+
+    def _insecure_sum(self, contributions: dict[int, Contribution], drop_after: dict[int, str],
+                      quantiser: Quantiser | None, rngs: dict[int, np.random.Generator],
+                      report: RoundReport) -> np.ndarray:
+        """The same modular sum without any masking (skip_pairwise_masks)."""
+        bits = self.settings.bits
+        acc = np.zeros(report.vector_length, dtype=mask_dtype(bits))
+        for cid, c in contributions.items():
+            stage = drop_after.get(cid)
+            if stage is not None and STAGES.index(stage) < STAGES.index("masked_input"):
+                report.dropped[cid] = f"{stage}: left after this stage"
+                continue
+            if quantiser is None:
+                words = np.empty(report.vector_length, dtype=acc.dtype)
+                words[:-1] = np.mod(c.update, 1 << bits)
+                words[-1] = c.weight
+            else:
+                words = quantiser.encode(c.update, c.weight, list(c.aux), rngs[cid])
+            np.add(acc, words, out=acc)
+            report.included.append(cid)
+        if len(report.included) < report.threshold:
+            raise RoundFailedError(f"secure aggregation, round {report.server_round}: "
+                                   f"{len(report.included)} inputs, fewer than the threshold "
+                                   f"{report.threshold}; no sum is released")
+        if bits % (8 * acc.dtype.itemsize):
+            acc &= acc.dtype.type((1 << bits) - 1)
+        return acc
+
+    def _decode(self, words: np.ndarray, included: list[int], first: torch.Tensor, dim: int,
+                aux_names: list[str], quantiser: Quantiser | None) -> Aggregate:
+        if quantiser is None:  # distributed DP decodes the modular sum itself
+            return Aggregate(
+                update_sum=torch.from_numpy(words[:-1].astype(np.float64)),
+                weight_sum=float(words[-1]), count=len(included), client_ids=list(included))
+        update_sum, weight_sum, aux_sums = quantiser.decode(words, dim=dim,
+                                                            num_aux=len(aux_names))
+        shape = first.shape
+        return Aggregate(
+            update_sum=torch.from_numpy(update_sum).reshape(shape).to(first.dtype),
+            weight_sum=float(weight_sum), count=len(included),
+            aux_sum={k: torch.from_numpy(v).reshape(shape).to(first.dtype)
+                     for k, v in zip(aux_names, aux_sums, strict=True)},
+            client_ids=list(included))

@@ -1,0 +1,741 @@
+"""SecAgg+ as explicit, named, pure protocol stages, separate from any transport.
+
+Bonawitz et al. 2017 ("Practical Secure Aggregation for Privacy-Preserving Machine
+Learning", CCS, §4 and Fig. 4, the semi-honest protocol) with the neighbourhood graph of
+Bell et al. 2020 (CCS, §3): each client agrees masks with and secret-shares its seeds among
+only its graph neighbours. Four stages, each one request from the coordinator to every
+client still in the round and one reply back (formats: :mod:`confide.privacy.secagg.wire`):
+
+``advertise_keys``
+    The coordinator sends the public parameters and the client's neighbours (SETUP). Each
+    client draws two fresh X25519 key pairs, ``c`` (share channel) and ``s`` (masks), and
+    replies with the public halves. [Bonawitz §4, Round 0]
+``share_keys``
+    The coordinator forwards to each client the keys of its neighbours that answered. The
+    client draws a self-mask seed ``b``, Shamir-shares ``b`` and its mask private key ``s_sk``
+    among those neighbours (threshold ``t``), seals each neighbour's pair of shares with
+    AES-GCM under a key from X25519(c) + HKDF, and sends the sealed shares plus a SHA-256
+    commitment to ``b``. [Round 1]
+``masked_input``
+    The coordinator forwards to each client the sealed shares addressed to it. The client
+    opens them (a share that fails authentication is *rejected* and reported), then sends
+    ``y = x + PRG(b) + sum_{v in M} sign(u, v) * PRG(s_uv)`` mod 2^b, ``M`` the neighbours
+    whose shares it accepted and ``s_uv`` the HKDF of their X25519(s) agreement
+    (sign +1 if u < v, else -1, so the pair's masks cancel). [Round 2]
+``unmask``
+    The coordinator tells each surviving client which of its neighbours' inputs are in the
+    sum (alive) and which neighbours dropped after sharing keys. The client returns its
+    shares of ``b`` for the alive and of ``s_sk`` for the dropped, never both for one client
+    (the invariant that protects every input). The coordinator reconstructs the seeds, checks
+    them against the commitments and public keys, strips the self masks of the alive and the
+    pairwise masks the alive shared with the dropped, and obtains exactly
+    ``sum_{alive} x`` mod 2^b. [Rounds 3-4]
+
+The coordinator's side is :class:`SecAggServer`, one method per stage; the client's is
+:class:`SecAggClient`, one method per stage (or :meth:`SecAggClient.handle`, which dispatches
+on the message kind). Both consume and produce bytes only, so any message path carries them:
+in process (simulation), or Flower's Grid (deployment).
+
+Failure handling. A client that does not answer a stage has dropped at that stage. A reply
+that is truncated, oversized, malformed, replayed from another round, or addressed wrongly is
+rejected with a :class:`ProtocolError` naming the client; that client is treated as dropped.
+A client whose sealed share fails authentication at a neighbour is excluded the same way.
+The round goes on while every threshold holds; otherwise it raises :class:`RoundFailedError`
+and no partial sum is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from confide.exceptions import ConfigError, ProtocolError, RoundFailedError
+from confide.privacy.secagg import primitives as crypto
+from confide.privacy.secagg.graph import harary_graph
+from confide.privacy.secagg.quantisation import Quantiser, check_capacity
+from confide.privacy.secagg.wire import (
+    SEALED_SHARE_BYTES,
+    SERVER_ID,
+    SESSION_BYTES,
+    MessageKind,
+    SetupBody,
+    decode_header,
+    decode_share_plaintext,
+    encode,
+    encode_ids,
+    encode_share_plaintext,
+    open_message,
+    pack_words,
+    packed_size,
+    share_associated_data,
+    unpack_words,
+)
+
+__all__ = [
+    "STAGES",
+    "INPUT_FLOATS",
+    "INPUT_INTEGERS",
+    "Contribution",
+    "SecAggClient",
+    "SecAggServer",
+    "SecAggResult",
+]
+
+log = logging.getLogger("confide")
+
+#: the protocol's stages, in order
+STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+#: the client quantises float vectors itself (:mod:`~confide.privacy.secagg.quantisation`)
+INPUT_FLOATS = 0
+#: the client's input is already in Z_{2^b} (distributed DP encodes before masking)
+INPUT_INTEGERS = 1
+
+_SEED, _KEY = 0, 1
+_UNMASK_ENTRY = 8 + 1 + crypto.SHARE_BYTES
+_PURPOSE_MASK = b"pairwise-mask"
+_PURPOSE_CHANNEL = b"share-channel"
+
+
+def _context(session: bytes, server_round: int) -> bytes:
+    return session + server_round.to_bytes(4, "big")
+
+
+def _sign(me: int, other: int) -> int:
+    # Bonawitz et al. 2017, §4: p_{u,v} = Delta_{u,v} * PRG(s_{u,v}), Delta = +1 iff u < v.
+    return 1 if me < other else -1
+
+
+@dataclass
+class Contribution:
+    """What one client adds to the sum.
+
+    ``update`` and ``aux`` are float vectors with an integer ``weight`` (input mode floats),
+    or ``update`` holds entries of Z_{2^b} already (input mode integers, ``weight`` is 1).
+    """
+
+    update: np.ndarray
+    weight: int = 1
+    aux: tuple[np.ndarray, ...] = ()
+
+
+# --------------------------------------------------------------------------- client
+
+
+class SecAggClient:
+    """One client's side of one round of SecAgg+; holds its secrets for that round only.
+
+    Create one per round. ``server_round``, when given, must match the SETUP message;
+    ``rng`` drives stochastic rounding only (never any secret, which come from the OS).
+    """
+
+    def __init__(self, client_id: int, *, server_round: int | None = None,
+                 rng: np.random.Generator | None = None) -> None:
+        if not 0 <= client_id < SERVER_ID:
+            raise ValueError(f"client id {client_id} out of range")
+        self.client_id = client_id
+        self.expected_round = server_round
+        self.rng = rng if rng is not None else np.random.default_rng(
+            int.from_bytes(os.urandom(16), "big"))
+        self._next = MessageKind.SETUP
+        self.setup: SetupBody | None = None
+        self.session = b""
+        self.server_round = 0
+        self._enc_sk = self._mask_sk = b""
+        self._peers: dict[int, tuple[bytes, bytes]] = {}
+        self._inbound: dict[int, bytes] = {}
+        self._own_public: tuple[bytes, bytes] = (b"", b"")
+        self._held: dict[int, tuple[int, int]] = {}
+        self._seed = b""
+        self._done = False
+
+    # -- helpers
+    def _open(self, message: bytes, kind: MessageKind):  # type: ignore[no-untyped-def]
+        if kind != self._next:
+            got = decode_header(message).kind
+            raise ProtocolError(f"client {self.client_id}: expected a {self._next.name} "
+                                f"message, got {got.name} (out of order or replayed)")
+        return open_message(message, kind=kind, session=self.session,
+                            server_round=self.server_round, sender=SERVER_ID,
+                            recipient=self.client_id)
+
+    def _reply(self, kind: MessageKind, body: bytes) -> bytes:
+        return encode(kind, session=self.session, server_round=self.server_round,
+                      sender=self.client_id, recipient=SERVER_ID, body=body)
+
+    @property
+    def _ctx(self) -> bytes:
+        return _context(self.session, self.server_round)
+
+    def handle(self, message: bytes, contribution: Contribution | None = None) -> bytes:
+        """Answer any stage's request (dispatch on the message kind)."""
+        kind = decode_header(message).kind
+        if kind == MessageKind.SETUP:
+            return self.advertise_keys(message)
+        if kind == MessageKind.SHARE_KEYS_REQUEST:
+            return self.share_keys(message)
+        if kind == MessageKind.MASKED_INPUT_REQUEST:
+            if contribution is None:
+                raise ProtocolError(f"client {self.client_id} has no input for masked_input")
+            return self.masked_input(message, contribution)
+        if kind == MessageKind.UNMASK_REQUEST:
+            return self.unmask(message)
+        raise ProtocolError(f"client {self.client_id}: {kind.name} is not a request")
+
+    # -- stage 1
+    def advertise_keys(self, message: bytes) -> bytes:
+        """SETUP -> ADVERTISE_KEYS: fresh key pairs for this round."""
+        if self._next != MessageKind.SETUP:
+            raise ProtocolError(f"client {self.client_id}: a second SETUP in one round")
+        header = decode_header(message)
+        if self.expected_round is not None and header.server_round != self.expected_round:
+            raise ProtocolError(f"client {self.client_id}: SETUP for round "
+                                f"{header.server_round} in round {self.expected_round} "
+                                "(replayed)")
+        if header.sender != SERVER_ID or header.recipient != self.client_id:
+            raise ProtocolError(f"client {self.client_id}: SETUP not from the coordinator to "
+                                "this client")
+        self.session, self.server_round = header.session, header.server_round
+        setup = SetupBody.decode(self._open(message, MessageKind.SETUP))
+        _check_setup(setup, self.client_id)
+        self.setup = setup
+        self._enc_sk, enc_pk = crypto.generate_keypair()
+        self._mask_sk, mask_pk = crypto.generate_keypair()
+        self._own_public = (enc_pk, mask_pk)
+        self._next = MessageKind.SHARE_KEYS_REQUEST
+        return self._reply(MessageKind.ADVERTISE_KEYS, enc_pk + mask_pk)
+
+    # -- stage 2
+    def share_keys(self, message: bytes) -> bytes:
+        """SHARE_KEYS_REQUEST -> SHARE_KEYS: sealed shares of ``b`` and ``s_sk``."""
+        reader = self._open(message, MessageKind.SHARE_KEYS_REQUEST)
+        setup = self._setup()
+        n = reader.count(limit=len(setup.neighbours), item_bytes=8 + 2 * crypto.KEY_BYTES,
+                         what="neighbour keys")
+        neighbours = set(setup.neighbours)
+        peers: dict[int, tuple[bytes, bytes]] = {}
+        for _ in range(n):
+            peer, enc_pk, mask_pk = reader.u64(), reader.raw(32), reader.raw(32)
+            if peer not in neighbours or peer in peers:
+                raise ProtocolError(f"client {self.client_id}: keys offered for {peer}, not a "
+                                    "(new) neighbour")
+            peers[peer] = (enc_pk, mask_pk)
+        reader.done()
+        keys = [k for pair in peers.values() for k in pair]
+        if len(set(keys)) != len(keys) or set(self._own_public) & set(keys):
+            raise ProtocolError(f"client {self.client_id}: neighbours' public keys repeat")
+        if len(peers) < setup.threshold:
+            raise ProtocolError(f"client {self.client_id}: only {len(peers)} neighbours "
+                                f"advertised keys, fewer than the threshold {setup.threshold}")
+        self._peers = peers
+        enc_key = crypto.load_private(self._enc_sk)
+        shared = {peer: crypto.agree(enc_key, peers[peer][0]) for peer in peers}
+        # one-way keys: this client -> peer seals, peer -> this client opens
+        self._inbound = {peer: self._channel_key(s, sender=peer, recipient=self.client_id)
+                         for peer, s in shared.items()}
+        self._seed = crypto.new_seed()
+        holders = sorted(peers)
+        seed_shares = crypto.split_secret(self._seed, threshold=setup.threshold, holders=holders)
+        key_shares = crypto.split_secret(self._mask_sk, threshold=setup.threshold,
+                                         holders=holders)
+        parts = [crypto.commit_seed(self._seed, self._ctx), struct.pack(">I", len(holders))]
+        for peer in holders:
+            key = self._channel_key(shared[peer], sender=self.client_id, recipient=peer)
+            plaintext = encode_share_plaintext(self.client_id, peer, seed_shares[peer],
+                                               key_shares[peer])
+            ad = share_associated_data(self.session, self.server_round, self.client_id, peer)
+            parts += [peer.to_bytes(8, "big"), crypto.encrypt(key, plaintext, ad)]
+        self._next = MessageKind.MASKED_INPUT_REQUEST
+        return self._reply(MessageKind.SHARE_KEYS, b"".join(parts))
+
+    def _channel_key(self, shared: bytes, *, sender: int, recipient: int) -> bytes:
+        return crypto.derive_key(shared, context=self._ctx, purpose=_PURPOSE_CHANNEL,
+                                 first=sender, second=recipient)
+
+    # -- stage 3
+    def masked_input(self, message: bytes, contribution: Contribution) -> bytes:
+        """MASKED_INPUT_REQUEST -> MASKED_INPUT: open shares, send the masked vector."""
+        reader = self._open(message, MessageKind.MASKED_INPUT_REQUEST)
+        setup = self._setup()
+        n = reader.count(limit=len(self._peers), item_bytes=8 + SEALED_SHARE_BYTES,
+                         what="sealed shares")
+        rejected: list[int] = []
+        held: dict[int, tuple[int, int]] = {}
+        seen: set[int] = set()
+        for _ in range(n):
+            sender, sealed = reader.u64(), reader.raw(SEALED_SHARE_BYTES)
+            if sender not in self._peers or sender in seen:
+                raise ProtocolError(f"client {self.client_id}: a share from {sender}, not a "
+                                    "neighbour that shared keys (or twice)")
+            seen.add(sender)
+            try:
+                key = self._inbound[sender]
+                ad = share_associated_data(self.session, self.server_round, sender,
+                                           self.client_id)
+                src, dst, seed_share, key_share = decode_share_plaintext(
+                    crypto.decrypt(key, sealed, ad))
+                if (src, dst) != (sender, self.client_id):
+                    raise ProtocolError("the share names other parties than its envelope")
+                if seed_share >= crypto.FIELD_PRIME or key_share >= crypto.FIELD_PRIME:
+                    raise ProtocolError("a share is not a field element")
+            except ProtocolError as exc:
+                log.warning("client %d rejects the share of client %d: %s", self.client_id,
+                            sender, exc)
+                rejected.append(sender)
+                continue
+            held[sender] = (seed_share, key_share)
+        reader.done()
+        if len(held) + 1 < setup.threshold:
+            raise ProtocolError(f"client {self.client_id}: only {len(held)} neighbours' shares "
+                                f"arrived intact, too few for threshold {setup.threshold}; "
+                                "refusing to send an input that could be unmasked alone")
+        self._held = held
+        words = self._encode(contribution, setup)
+        bits = setup.bits
+        crypto.add_mask(words, self._seed, bits, sign=+1)
+        mask_key = crypto.load_private(self._mask_sk)
+        for peer in sorted(held):
+            shared = crypto.agree(mask_key, self._peers[peer][1])
+            seed = crypto.derive_key(shared, context=self._ctx, purpose=_PURPOSE_MASK,
+                                     first=min(self.client_id, peer),
+                                     second=max(self.client_id, peer))
+            crypto.add_mask(words, seed, bits, sign=_sign(self.client_id, peer))
+        body = encode_ids(sorted(rejected)) + pack_words(_reduce(words, bits), bits)
+        self._next = MessageKind.UNMASK_REQUEST
+        return self._reply(MessageKind.MASKED_INPUT, body)
+
+    def _encode(self, contribution: Contribution, setup: SetupBody) -> np.ndarray:
+        dtype = crypto.mask_dtype(setup.bits)
+        if setup.input_mode == INPUT_INTEGERS:
+            values = np.asarray(contribution.update)
+            if values.shape != (setup.vector_length - 1,):
+                raise ProtocolError(f"client {self.client_id}: an encoded input has "
+                                    f"{values.size} entries, expected {setup.vector_length - 1}")
+            if (not np.issubdtype(values.dtype, np.integer) and
+                    not np.array_equal(values, np.floor(values))):
+                raise ProtocolError(f"client {self.client_id}: an encoded input must be integer")
+            ints = np.mod(values.astype(np.int64), 1 << setup.bits)
+            out = np.empty(setup.vector_length, dtype=dtype)
+            out[:-1] = ints
+            out[-1] = contribution.weight
+            return out
+        quantiser = Quantiser(bits=setup.bits, clipping_range=setup.clipping_range,
+                              max_weight=setup.max_weight, cohort_size=setup.cohort_size)
+        words = quantiser.encode(np.asarray(contribution.update), contribution.weight,
+                                 [np.asarray(a) for a in contribution.aux], self.rng)
+        if words.shape[0] != setup.vector_length:
+            raise ProtocolError(f"client {self.client_id}: its contribution has "
+                                f"{words.shape[0]} entries, the round expects "
+                                f"{setup.vector_length}")
+        return words
+
+    # -- stage 4
+    def unmask(self, message: bytes) -> bytes:
+        """UNMASK_REQUEST -> UNMASK: shares of ``b`` for the alive, of ``s_sk`` for the dropped."""
+        reader = self._open(message, MessageKind.UNMASK_REQUEST)
+        setup = self._setup()
+        alive = reader.ids(limit=len(self._held), what="alive neighbours")
+        dropped = reader.ids(limit=len(self._held), what="dropped neighbours")
+        reader.done()
+        # Bonawitz et al. 2017, §4 Round 4: never reveal both shares of one client.
+        if set(alive) & set(dropped):
+            raise ProtocolError(f"client {self.client_id}: the coordinator asked for both "
+                                "shares of one client; refusing")
+        unknown = (set(alive) | set(dropped)) - set(self._held)
+        if unknown:
+            raise ProtocolError(f"client {self.client_id}: asked for shares it does not hold "
+                                f"(clients {sorted(unknown)[:5]})")
+        if len(alive) + 1 < setup.threshold:
+            raise ProtocolError(f"client {self.client_id}: only {len(alive)} neighbours are "
+                                f"said to be alive, fewer than the threshold {setup.threshold}")
+        parts = [struct.pack(">I", len(alive) + len(dropped))]
+        for owner in alive:
+            parts.append(owner.to_bytes(8, "big") + bytes([_SEED])
+                         + self._held[owner][0].to_bytes(crypto.SHARE_BYTES, "big"))
+        for owner in dropped:
+            parts.append(owner.to_bytes(8, "big") + bytes([_KEY])
+                         + self._held[owner][1].to_bytes(crypto.SHARE_BYTES, "big"))
+        self._next = MessageKind.SETUP  # never accepted again: a new round, a new client
+        self._done = True
+        self._seed = self._mask_sk = self._enc_sk = b""
+        self._held, self._inbound = {}, {}
+        return self._reply(MessageKind.UNMASK, b"".join(parts))
+
+    def _setup(self) -> SetupBody:
+        if self.setup is None or self._done:
+            raise ProtocolError(f"client {self.client_id}: no round in progress")
+        return self.setup
+
+
+def _reduce(words: np.ndarray, bits: int) -> np.ndarray:
+    if bits % (8 * words.dtype.itemsize):
+        words &= words.dtype.type((1 << bits) - 1)
+    return words
+
+
+def _check_setup(setup: SetupBody, client_id: int) -> None:
+    """Refuse public parameters that would void the protocol's guarantees."""
+    k = len(setup.neighbours)
+    problems = []
+    if client_id in setup.neighbours:
+        problems.append("the client is its own neighbour")
+    if not 2 <= setup.threshold <= k:
+        problems.append(f"threshold {setup.threshold} is not in [2, {k}] for {k} neighbours")
+    if not 8 <= setup.bits <= 62:
+        problems.append(f"bit width {setup.bits} is not in [8, 62]")
+    if setup.input_mode not in (INPUT_FLOATS, INPUT_INTEGERS):
+        problems.append(f"unknown input mode {setup.input_mode}")
+    if setup.vector_length < 1:
+        problems.append("the vector is empty")
+    if setup.cohort_size < k + 1:
+        problems.append(f"cohort size {setup.cohort_size} is below the neighbourhood")
+    if not (math.isfinite(setup.clipping_range) and setup.clipping_range > 0):
+        problems.append("the clipping range is not a positive number")
+    if setup.max_weight < 1:
+        problems.append("max_weight is below 1")
+    if not problems and setup.input_mode == INPUT_FLOATS:
+        try:
+            check_capacity(cohort_size=setup.cohort_size, bits=setup.bits,
+                           max_weight=setup.max_weight)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ProtocolError(f"client {client_id}: unacceptable SETUP: {'; '.join(problems)}")
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass
+class SecAggResult:
+    """What the coordinator learns: the modular sum of the included inputs, and who is in it."""
+
+    words: np.ndarray
+    included: list[int]
+    #: client -> the stage at which it dropped out or was excluded, with the reason
+    dropped: dict[int, str] = field(default_factory=dict)
+    #: client -> why one of its messages or shares was rejected
+    rejected: dict[int, str] = field(default_factory=dict)
+    #: client -> bytes the client sent / received over the whole protocol
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+    bytes_received: dict[int, int] = field(default_factory=dict)
+
+
+Replies = Mapping[int, "bytes | None"]
+
+
+class SecAggServer:
+    """The coordinator's side of one round of SecAgg+: one method per stage.
+
+    ``advertise_keys()`` returns the first requests; each later method takes the replies to
+    the previous stage and returns the next stage's requests; :meth:`finish` takes the
+    replies to ``unmask`` and returns the :class:`SecAggResult`. A reply of ``None`` means
+    the client did not answer (it dropped out).
+    """
+
+    def __init__(self, *, cohort: Sequence[int], server_round: int, bits: int,
+                 vector_length: int, degree: int, threshold: int, max_weight: int = 1,
+                 clipping_range: float = 1.0, input_mode: int = INPUT_FLOATS) -> None:
+        ids = sorted(int(c) for c in cohort)
+        if len(set(ids)) != len(ids) or any(not 0 <= c < SERVER_ID for c in ids):
+            raise ValueError("cohort ids must be distinct u64 values")
+        if len(ids) < 3:
+            raise RoundFailedError(f"secure aggregation needs at least 3 clients, the round "
+                                   f"has {len(ids)}")
+        self.cohort = ids
+        self.server_round = server_round
+        self.session = os.urandom(SESSION_BYTES)
+        self.graph = harary_graph(ids, degree)
+        min_degree = min(len(v) for v in self.graph.values())
+        if not 2 <= threshold <= min_degree:
+            raise RoundFailedError(f"threshold {threshold} is not in [2, {min_degree}] for a "
+                                   f"neighbourhood of {min_degree} in a {len(ids)}-client cohort")
+        self.threshold = threshold
+        self.bits = bits
+        self.vector_length = vector_length
+        self.max_weight = max_weight
+        self.clipping_range = clipping_range
+        self.input_mode = input_mode
+        self.result = SecAggResult(words=np.zeros(0), included=[])
+        self._stage = "advertise_keys"
+        self._requested: list[int] = []
+        self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._shares_for: dict[int, dict[int, bytes]] = {}
+        self._commitments: dict[int, bytes] = {}
+        self._mask_sets: dict[int, set[int]] = {}
+        self._alive: list[int] = []
+        self._dropped_masks: list[int] = []
+        self._sum: np.ndarray | None = None
+        self._unmask_requests: dict[int, tuple[list[int], list[int]]] = {}
+
+    @property
+    def context(self) -> bytes:
+        """Session and round, bound into every key and commitment."""
+        return _context(self.session, self.server_round)
+
+    # -- helpers
+    def _send(self, cid: int, kind: MessageKind, body: bytes) -> bytes:
+        msg = encode(kind, session=self.session, server_round=self.server_round,
+                     sender=SERVER_ID, recipient=cid, body=body)
+        self.result.bytes_received[cid] = self.result.bytes_received.get(cid, 0) + len(msg)
+        return msg
+
+    def _collect(self, replies: Replies, stage: str) -> dict[int, bytes]:
+        """The replies of the clients asked this stage; the silent ones dropped here."""
+        if self._stage != stage:
+            raise ProtocolError(f"the coordinator is at stage {self._stage}, not {stage}")
+        got = {}
+        for cid in self._requested:
+            msg = replies.get(cid)
+            if msg is None:
+                self.result.dropped.setdefault(cid, f"{stage}: no reply")
+                continue
+            self.result.bytes_sent[cid] = self.result.bytes_sent.get(cid, 0) + len(msg)
+            got[cid] = msg
+        return got
+
+    def _reject(self, cid: int, stage: str, exc: Exception) -> None:
+        log.warning("secure aggregation, round %d: client %d excluded at %s: %s",
+                    self.server_round, cid, stage, exc)
+        self.result.rejected[cid] = str(exc)
+        self.result.dropped.setdefault(cid, f"{stage}: rejected ({exc})")
+
+    def _open(self, msg: bytes, kind: MessageKind, cid: int):  # type: ignore[no-untyped-def]
+        return open_message(msg, kind=kind, session=self.session,
+                            server_round=self.server_round, sender=cid, recipient=SERVER_ID)
+
+    def _require(self, count: int, what: str) -> None:
+        if count < self.threshold:
+            raise RoundFailedError(
+                f"secure aggregation, round {self.server_round}: {count} {what}, fewer than "
+                f"the threshold {self.threshold}; the round is aborted and no sum is released")
+
+    # -- stage 1: advertise keys
+    def advertise_keys(self) -> dict[int, bytes]:
+        """Requests of stage ``advertise_keys`` (SETUP) to the whole cohort."""
+        self._requested = list(self.cohort)
+        return {cid: self._send(cid, MessageKind.SETUP, SetupBody(
+            threshold=self.threshold, bits=self.bits, input_mode=self.input_mode,
+            vector_length=self.vector_length, cohort_size=len(self.cohort),
+            max_weight=self.max_weight, clipping_range=self.clipping_range,
+            neighbours=self.graph[cid]).encode()) for cid in self.cohort}
+
+    # -- stage 2: share keys
+    def share_keys(self, replies: Replies) -> dict[int, bytes]:
+        """Collect public keys; send each client its neighbours' keys."""
+        keys: dict[int, tuple[bytes, bytes]] = {}
+        seen: set[bytes] = set()
+        for cid, msg in self._collect(replies, "advertise_keys").items():
+            try:
+                reader = self._open(msg, MessageKind.ADVERTISE_KEYS, cid)
+                enc_pk, mask_pk = reader.raw(crypto.KEY_BYTES), reader.raw(crypto.KEY_BYTES)
+                reader.done()
+                if enc_pk == mask_pk or enc_pk in seen or mask_pk in seen:
+                    raise ProtocolError("its public keys repeat keys already advertised")
+            except ProtocolError as exc:
+                self._reject(cid, "advertise_keys", exc)
+                continue
+            seen.update((enc_pk, mask_pk))
+            keys[cid] = (enc_pk, mask_pk)
+        # A client with fewer than t live neighbours cannot share its secrets; drop it,
+        # and repeat, since that shrinks its neighbours' neighbourhoods too.
+        live = set(keys)
+        while True:
+            short = {c for c in live if len(set(self.graph[c]) & live) < self.threshold}
+            if not short:
+                break
+            for c in short:
+                self.result.dropped.setdefault(c, "share_keys: too few neighbours advertised")
+            live -= short
+        self._require(len(live), "clients advertised keys")
+        self._keys = {c: keys[c] for c in sorted(live)}
+        self._requested = sorted(live)
+        self._stage = "share_keys"
+        requests = {}
+        for cid in self._requested:
+            peers = [p for p in self.graph[cid] if p in live]
+            body = struct.pack(">I", len(peers)) + b"".join(
+                p.to_bytes(8, "big") + self._keys[p][0] + self._keys[p][1] for p in peers)
+            requests[cid] = self._send(cid, MessageKind.SHARE_KEYS_REQUEST, body)
+        return requests
+
+    # -- stage 3: masked input
+    def masked_input(self, replies: Replies) -> dict[int, bytes]:
+        """Collect sealed shares; forward each client the shares addressed to it."""
+        live = set(self._requested)
+        sealed: dict[int, dict[int, bytes]] = {}
+        for cid, msg in self._collect(replies, "share_keys").items():
+            try:
+                reader = self._open(msg, MessageKind.SHARE_KEYS, cid)
+                commitment = reader.raw(32)
+                expected = {p for p in self.graph[cid] if p in live}
+                n = reader.count(limit=len(expected), item_bytes=8 + SEALED_SHARE_BYTES,
+                                 what="sealed shares")
+                out: dict[int, bytes] = {}
+                for _ in range(n):
+                    recipient, blob = reader.u64(), reader.raw(SEALED_SHARE_BYTES)
+                    if recipient not in expected or recipient in out:
+                        raise ProtocolError(f"a sealed share for {recipient}, not a live "
+                                            "neighbour (or twice)")
+                    out[recipient] = blob
+                reader.done()
+                if set(out) != expected:
+                    raise ProtocolError(f"shares for {len(out)} of its {len(expected)} live "
+                                        "neighbours")
+            except ProtocolError as exc:
+                self._reject(cid, "share_keys", exc)
+                continue
+            sealed[cid] = out
+            self._commitments[cid] = commitment
+        self._require(len(sealed), "clients shared their keys")
+        self._requested = sorted(sealed)
+        self._stage = "masked_input"
+        requests = {}
+        for cid in self._requested:
+            senders = [p for p in self.graph[cid] if p in sealed]
+            self._shares_for[cid] = {p: sealed[p][cid] for p in senders}
+            body = struct.pack(">I", len(senders)) + b"".join(
+                p.to_bytes(8, "big") + sealed[p][cid] for p in senders)
+            requests[cid] = self._send(cid, MessageKind.MASKED_INPUT_REQUEST, body)
+        return requests
+
+    # -- stage 4: unmask
+    def unmask(self, replies: Replies) -> dict[int, bytes]:
+        """Collect masked inputs; ask survivors for the shares that remove the masks."""
+        vector_bytes = packed_size(self.vector_length, self.bits)
+        parsed: dict[int, tuple[set[int], memoryview]] = {}
+        for cid, msg in self._collect(replies, "masked_input").items():
+            try:
+                reader = self._open(msg, MessageKind.MASKED_INPUT, cid)
+                forwarded = self._shares_for[cid]
+                rejected = reader.ids(limit=len(forwarded), what="rejected senders")
+                if not set(rejected) <= set(forwarded):
+                    raise ProtocolError("it rejects shares it was never sent")
+                if reader.remaining() != vector_bytes:
+                    size = "truncated" if reader.remaining() < vector_bytes else "oversized"
+                    raise ProtocolError(f"masked input {size}: {reader.remaining()} vector "
+                                        f"bytes, expected {vector_bytes}")
+                vector = reader.body[reader.offset:]
+            except ProtocolError as exc:
+                self._reject(cid, "masked_input", exc)
+                continue
+            parsed[cid] = (set(rejected), vector)
+        # A sealed share that failed authentication excludes its sender (Bonawitz et al.
+        # 2017, §4: a client that cannot be trusted to have shared correctly is treated as
+        # dropped; its pairwise masks are removed via its mask key, its input is not summed).
+        bad: dict[int, list[int]] = {}
+        for cid, (rejected, _) in parsed.items():
+            for sender in rejected:
+                bad.setdefault(sender, []).append(cid)
+        for sender, by in bad.items():
+            self._reject(sender, "masked_input", ProtocolError(
+                f"its sealed share failed authentication at client(s) {sorted(by)[:5]}"))
+        alive = sorted(c for c in parsed if c not in bad)
+        self._require(len(alive), "masked inputs survived")
+        acc = np.zeros(self.vector_length, dtype=crypto.mask_dtype(self.bits))
+        for cid in alive:
+            try:
+                np.add(acc, unpack_words(parsed[cid][1], self.vector_length, self.bits),
+                       out=acc)
+            except ProtocolError as exc:  # padding bits: the input cannot be trusted
+                raise RoundFailedError(f"secure aggregation, round {self.server_round}: client "
+                                       f"{cid}'s masked input is malformed ({exc}); the round "
+                                       "is aborted and no sum is released") from None
+        self._sum = acc
+        self._mask_sets = {cid: set(self._shares_for[cid]) - parsed[cid][0] for cid in alive}
+        alive_set = set(alive)
+        shared = set(self._shares_for)
+        self._dropped_masks = sorted(
+            u for u in shared - alive_set if any(u in self._mask_sets[w] for w in alive))
+        self._alive = alive
+        dropped_set = set(self._dropped_masks)
+        self._requested = alive
+        self._stage = "unmask"
+        requests = {}
+        for cid in alive:
+            m = self._mask_sets[cid]
+            ask_alive = sorted(m & alive_set)
+            ask_dropped = sorted(m & dropped_set)
+            self._unmask_requests[cid] = (ask_alive, ask_dropped)
+            body = encode_ids(ask_alive) + encode_ids(ask_dropped)
+            requests[cid] = self._send(cid, MessageKind.UNMASK_REQUEST, body)
+        return requests
+
+    # -- the end: reconstruct and strip the masks
+    def finish(self, replies: Replies) -> SecAggResult:
+        """Collect shares, reconstruct seeds and keys, return the unmasked sum."""
+        seed_shares: dict[int, dict[int, int]] = {u: {} for u in self._alive}
+        key_shares: dict[int, dict[int, int]] = {u: {} for u in self._dropped_masks}
+        for cid, msg in self._collect(replies, "unmask").items():
+            ask_alive, ask_dropped = self._unmask_requests[cid]
+            try:
+                reader = self._open(msg, MessageKind.UNMASK, cid)
+                want = {(u, _SEED) for u in ask_alive} | {(u, _KEY) for u in ask_dropped}
+                n = reader.count(limit=len(want), item_bytes=_UNMASK_ENTRY, what="shares")
+                got: dict[tuple[int, int], int] = {}
+                for _ in range(n):
+                    owner, kind = reader.u64(), reader.u8()
+                    value = int.from_bytes(reader.raw(crypto.SHARE_BYTES), "big")
+                    if (owner, kind) not in want or (owner, kind) in got:
+                        raise ProtocolError(f"a share of client {owner} it was not asked for")
+                    if value >= crypto.FIELD_PRIME:
+                        raise ProtocolError("a share is not a field element")
+                    got[(owner, kind)] = value
+                reader.done()
+                if len(got) != len(want):
+                    raise ProtocolError(f"{len(got)} of the {len(want)} shares asked for")
+            except ProtocolError as exc:
+                self._reject(cid, "unmask", exc)
+                continue
+            for (owner, kind), value in got.items():
+                (seed_shares if kind == _SEED else key_shares)[owner][cid] = value
+        if self._sum is None:
+            raise ProtocolError("finish() before the masked inputs arrived")
+        acc = self._sum
+        ctx = self.context
+        for u in self._alive:
+            seed = self._reconstruct(u, seed_shares[u], "self-mask seed",
+                                     lambda s, u=u: crypto.commit_seed(s, ctx)
+                                     == self._commitments[u])
+            crypto.add_mask(acc, seed, self.bits, sign=-1)
+        for u in self._dropped_masks:
+            mask_pk = self._keys[u][1]
+            mask_sk = crypto.load_private(self._reconstruct(
+                u, key_shares[u], "mask key", lambda s, pk=mask_pk: crypto.public_key_of(s) == pk))
+            for w in self._alive:
+                if u not in self._mask_sets[w]:
+                    continue
+                shared = crypto.agree(mask_sk, self._keys[w][1])
+                seed = crypto.derive_key(shared, context=ctx, purpose=_PURPOSE_MASK,
+                                         first=min(u, w), second=max(u, w))
+                # w added sign(w, u) * PRG(s_wu); take it away.
+                crypto.add_mask(acc, seed, self.bits, sign=-_sign(w, u))
+        self._stage = "done"
+        self._sum = None
+        self.result.words = _reduce(acc, self.bits)
+        self.result.included = list(self._alive)
+        return self.result
+
+    def _reconstruct(self, owner: int, shares: Mapping[int, int], what: str,
+                     verify: object) -> bytes:
+        if len(shares) < self.threshold:
+            raise RoundFailedError(
+                f"secure aggregation, round {self.server_round}: only {len(shares)} of client "
+                f"{owner}'s neighbours returned shares of its {what}, fewer than the threshold "
+                f"{self.threshold}; the round is aborted and no sum is released")
+        try:
+            secret, wrong = crypto.reconstruct_secret(shares, threshold=self.threshold,
+                                                      verify=verify)  # type: ignore[arg-type]
+        except ProtocolError as exc:
+            raise RoundFailedError(f"secure aggregation, round {self.server_round}: the "
+                                   f"{what} of client {owner} cannot be reconstructed ({exc}); "
+                                   "the round is aborted and no sum is released") from None
+        for holder in wrong:
+            self._reject(holder, "unmask", ProtocolError(
+                f"it returned a wrong share of client {owner}'s {what}"))
+        return secret
