@@ -158,3 +158,19 @@ def test_local_momentum_keeps_control_variates_stable():
     except RoundFailedError:  # every client's update was non-finite
         diverged = True
     assert diverged
+
+
+def test_control_variate_sums_travel_the_secure_aggregation_path():
+    # Δc_i is summed with the updates by SecAgg+ (masked, quantised): same state as in the clear.
+    runs = {}
+    for enabled in ("false", "true"):
+        sim = build_simulation(load_config(None, [*FAST, "run.rounds=2",
+                                                  "strategy.name='scaffold'",
+                                                  f"secure_aggregation.enabled={enabled}"]))
+        sim.coordinator.run()
+        runs[enabled] = sim.coordinator
+    plain, secure = runs["false"], runs["true"]
+    assert float(plain.strategy.c.abs().max()) > 1e-3
+    assert torch.allclose(secure.strategy.c, plain.strategy.c, atol=1e-6)
+    assert torch.allclose(secure.params, plain.params, atol=1e-5)
+    assert set(secure.client_states) == set(plain.client_states)
