@@ -1,0 +1,328 @@
+"""The vectorized executor gives sequential's results (float64, CPU), falls back when it must,
+survives out-of-memory chunks, and spreads a cohort over torch.distributed ranks."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from confide.client.trainer import TrainSettings
+from confide.config import load_config
+from confide.exceptions import DeviceError
+from confide.simulations import vectorized as vec
+from confide.simulations.run import build_simulation
+
+BASE = [
+    "run.rounds=3",
+    "data.num_clients=10",
+    "data.partition='dirichlet'",  # unequal client sizes
+    "client.epochs=2",
+    "client.batch_size=16",
+    "client.device='cpu'",
+    "model.hidden_units=32",
+]
+TOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _run(executor: str, extra=()):
+    cfg = load_config(None, [*BASE, f"simulation.executor='{executor}'", *extra])
+    sim = build_simulation(cfg)
+    history = sim.coordinator.run()
+    return sim, history
+
+
+def _assert_same(extra=(), vec_extra=()):
+    seq, h_seq = _run("sequential", extra)
+    vsim, h_vec = _run("vectorized", [*extra, *vec_extra])
+    a, b = seq.coordinator.params, vsim.coordinator.params
+    rel = float((a - b).norm() / a.norm())
+    assert rel < TOL, rel
+    for ra, rb in zip(h_seq, h_vec, strict=True):
+        assert ra["num_clients"] == rb["num_clients"]
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=TOL)
+    return seq, vsim
+
+
+def _sizes_differ(sim) -> bool:
+    sizes = {len(p) for p in sim.partitions}
+    return len(sizes) > 1
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="fedavg-sgd-momentum"),
+    pytest.param(["client.momentum=0.0", "client.weight_decay=0.01"], id="sgd-weight-decay"),
+    pytest.param(["client.optimizer='adam'", "client.weight_decay=0.001", "client.lr=0.01"],
+                 id="adam"),
+    pytest.param(["strategy.name='fedprox'", "strategy.mu=0.1"], id="fedprox"),
+    pytest.param(["strategy.name='scaffold'", "client.momentum=0.0"], id="scaffold"),
+    pytest.param(["strategy.name='scaffold'", "cohort.size=5"], id="scaffold-partial-cohort"),
+    pytest.param(["simulation.dropout_rate=0.3"], id="fault-injection"),
+    pytest.param(["privacy.mode='central'", "privacy.noise_multiplier=0.5",
+                  "privacy.clip_norm=0.5", "cohort.size=5"], id="client-level-dp"),
+    pytest.param(["client.batch_size=1000"], id="one-batch-per-epoch"),
+])
+def test_vectorized_matches_sequential(extra):
+    seq, vsim = _assert_same(extra)
+    assert _sizes_differ(seq)
+    assert vsim.coordinator.executor.fallback_reason is None
+
+
+def test_chunked_cohort_matches_sequential():
+    _, vsim = _assert_same(vec_extra=["simulation.chunk_size=3"])
+    assert vsim.coordinator.executor.trainer.chunk_limit(
+        TrainSettings(epochs=2, batch_size=16, momentum=0.9)) == 3
+
+
+def test_dropped_clients_fail_like_sequential():
+    extra = ["simulation.dropout_rate=0.5", "run.rounds=1"]
+    seq, _ = _run("sequential", extra)
+    vsim, _ = _run("vectorized", extra)
+    tasks = [seq.coordinator._task(cid, 7, seq.coordinator.strategy.configure_round(7))
+             for cid in range(10)]
+    seq.coordinator._inject_dropouts(tasks, 7)
+    assert any(t.drop_after_steps is not None for t in tasks)
+    a = seq.coordinator.executor.run_clients(tasks)
+    b = vsim.coordinator.executor.run_clients(tasks)
+    assert [(o.client_id, o.failure) for o in a] == [(o.client_id, o.failure) for o in b]
+    for oa, ob in zip(a, b, strict=True):
+        if oa.result is not None:
+            assert torch.allclose(oa.result.update, ob.result.update, rtol=1e-9, atol=1e-12)
+            assert oa.result.num_steps == ob.result.num_steps
+            assert oa.result.metrics == pytest.approx(ob.result.metrics, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- convolutions
+
+
+@pytest.fixture
+def image_data(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 240
+    y = rng.integers(0, 4, size=n)
+    x = rng.normal(size=(n, 1, 16, 16)).astype(np.float32)
+    x[np.arange(n), 0, y * 3, y * 3] += 3.0  # learnable signal
+    path = tmp_path / "images.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.mark.parametrize("lowering", ["grouped", "unfold"])
+def test_lenet_matches_sequential(image_data, lowering):
+    extra = [f"data.path='{image_data}'", "model.name='lenet'", "data.num_clients=6",
+             "run.rounds=2", "client.epochs=1"]
+    _, vsim = _assert_same(extra, [f"simulation.conv_lowering='{lowering}'"])
+    trainer = vsim.coordinator.executor.trainer
+    if lowering == "unfold":
+        assert trainer.layout.unfolded == ("features.0", "features.3")
+        assert isinstance(trainer.fmodel.features[0], vec._UnfoldConv2d)
+    else:
+        assert trainer.layout.unfolded == ()
+
+
+def test_unfold_conv_equals_conv2d():
+    torch.manual_seed(0)
+    for stride, padding, dilation in [(1, 0, 1), (2, 1, 1), (1, 2, 2)]:
+        conv = nn.Conv2d(3, 5, 3, stride=stride, padding=padding, dilation=dilation)
+        x = torch.randn(4, 3, 11, 9)
+        low = vec.lower_convolutions(nn.Sequential(conv), ["0"])[0]
+        assert torch.allclose(low(x), conv(x), atol=1e-12)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Frozen(nn.Module):
+    """A frozen layer, an unused one and a buffer: only some weights train."""
+
+    def __init__(self, d: int, k: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, 16)
+        self.inp.weight.requires_grad_(False)
+        self.unused = nn.Linear(3, 3)
+        self.register_buffer("scale", torch.full((16,), 0.5))
+        self.out = nn.Linear(16, k)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.inp(x)) * self.scale)
+
+
+def frozen_model(*, input_shape, num_classes):
+    return Frozen(int(np.prod(input_shape)), num_classes)
+
+
+def batchnorm_model(*, input_shape, num_classes):
+    d = int(np.prod(input_shape))
+    return nn.Sequential(nn.Linear(d, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, num_classes))
+
+
+def dropout_model(*, input_shape, num_classes):
+    d = int(np.prod(input_shape))
+    return nn.Sequential(nn.Linear(d, 16), nn.Dropout(0.2), nn.ReLU(), nn.Linear(16, num_classes))
+
+
+def item_model(*, input_shape, num_classes):
+    class UsesItem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(int(np.prod(input_shape)), num_classes)
+
+        def forward(self, x):
+            return self.fc(x) * float(x.abs().max().item() > -1)
+
+    return UsesItem()
+
+
+def test_frozen_unused_and_buffers_match_sequential():
+    _, vsim = _assert_same([f"model.name='{__name__}:frozen_model'",
+                            "client.weight_decay=0.01", "strategy.name='scaffold'"])
+    layout = vsim.coordinator.executor.trainer.layout
+    trained = {e.name for e in layout.trainable}
+    assert trained == {"inp.bias", "out.weight", "out.bias"}
+
+
+@pytest.mark.parametrize(("factory", "why"), [
+    ("batchnorm_model", "BatchNorm"),
+    ("dropout_model", "dropout"),
+    ("item_model", "vmap"),
+])
+def test_fallback_to_sequential_says_why(factory, why, caplog):
+    # one batch per epoch: BatchNorm cannot train on a last batch of one sample
+    extra = [f"model.name='{__name__}:{factory}'", "run.rounds=1", "client.batch_size=1000"]
+    with caplog.at_level(logging.WARNING, logger="confide"):
+        vsim, _ = _run("vectorized", extra)
+    reason = vsim.coordinator.executor.fallback_reason
+    assert reason is not None and why in reason
+    assert any("falling back to sequential" in r.message and why in r.message
+               for r in caplog.records)
+    if factory != "dropout_model":  # dropout draws from the global RNG
+        seq, _ = _run("sequential", extra)
+        assert torch.equal(seq.coordinator.params, vsim.coordinator.params)
+
+
+def test_blocker_names_tied_weights():
+    a = nn.Linear(4, 4)
+    model = nn.Sequential(a, nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = a.weight
+    assert "tied" in vec.vectorization_blocker(model)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_out_of_memory_halves_the_chunk(monkeypatch, caplog):
+    calls = []
+    real = vec.CohortTrainer.train_chunk
+
+    def flaky(self, jobs, *args, **kwargs):
+        calls.append(len(jobs))
+        if len(jobs) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(vec.CohortTrainer, "train_chunk", flaky)
+    with caplog.at_level(logging.INFO, logger="confide"):
+        _assert_same(vec_extra=["simulation.chunk_size=8"])
+    assert calls[:3] == [8, 4, 2]
+    assert max(calls[3:]) <= 2
+    assert any("out of memory" in r.message for r in caplog.records)
+
+
+def test_out_of_memory_for_one_client_is_a_device_error(monkeypatch):
+    def always(self, jobs, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(vec.CohortTrainer, "train_chunk", always)
+    cfg = load_config(None, [*BASE, "simulation.executor='vectorized'", "run.rounds=1"])
+    sim = build_simulation(cfg)
+    with pytest.raises(DeviceError, match="does not fit"):
+        sim.coordinator.run()
+
+
+def test_chunk_size_follows_free_memory(monkeypatch):
+    cfg = load_config(None, [*BASE, "simulation.executor='vectorized'"])
+    trainer = build_simulation(cfg).coordinator.executor.trainer
+    s = TrainSettings(epochs=1, batch_size=16)
+    per_client = trainer.client_bytes(s)
+    assert per_client > trainer.layout.trainable_numel * 8
+    monkeypatch.setattr(vec.CohortTrainer, "free_bytes", lambda self: 10 * per_client)
+    trainer._chunk_limit.clear()
+    assert trainer.chunk_limit(s) == 10
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), batch=st.integers(1, 50), epochs=st.integers(1, 3),
+       seed=st.integers(0, 2**31))
+def test_client_batches_cover_every_sample_each_epoch(n, batch, epochs, seed):
+    part = np.arange(100, 100 + n)
+    rows = vec.client_batches(part, seed, TrainSettings(epochs=epochs, batch_size=batch))
+    per_epoch = -(-n // batch)
+    assert rows.shape == (epochs * per_epoch, min(batch, n))
+    assert rows.shape[0] == vec.num_local_steps(n, TrainSettings(epochs=epochs,
+                                                                 batch_size=batch))
+    gen = torch.Generator().manual_seed(seed)
+    for e in range(epochs):
+        block = rows[e * per_epoch:(e + 1) * per_epoch].reshape(-1)
+        taken = block[block >= 0]
+        # LocalTrainer.fit's order: one randperm per epoch, batches in order, none dropped
+        assert (taken == part[torch.randperm(n, generator=gen).numpy()]).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(st.integers(0, 30), min_size=1, max_size=40),
+       world=st.integers(1, 5))
+def test_shard_jobs_assigns_each_job_once_and_balances(steps, world):
+    jobs = [vec.Job(slot=i, client_id=i, seed=i, num_samples=s, num_steps=s)
+            for i, s in enumerate(steps)]
+    shards = vec.shard_jobs(jobs, world)
+    assert sorted(j.slot for s in shards for j in s) == list(range(len(jobs)))
+    loads = [sum(max(1, j.num_steps) for j in s) for s in shards]
+    assert max(loads) - min(loads) <= max(max(1, s) for s in steps)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_bf16_keeps_accuracy():
+    extra = ["run.rounds=5", "data.partition='iid'"]
+    torch.set_default_dtype(torch.float32)
+    _, h32 = _run("vectorized", extra)
+    _, h16 = _run("vectorized", [*extra, "simulation.mixed_precision='bf16'"])
+    assert h32[-1]["test_accuracy"] > 0.8
+    assert abs(h32[-1]["test_accuracy"] - h16[-1]["test_accuracy"]) < 0.03
+
+
+def test_import_pulls_no_optional_runtime():
+    code = ("import sys, confide.simulations.run, confide.simulations.vectorized; "
+            "bad = [m for m in ('opacus', 'flwr', 'cryptography', 'ray') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_with_gloo_match_sequential():
+    """torch.distributed scale-out, two processes on the CPU (NCCL on GPUs)."""
+    seq, vsim = _assert_same(["strategy.name='scaffold'", "simulation.dropout_rate=0.2"],
+                             ["simulation.world_size=2"])
+    assert vsim.coordinator.executor._pool is None  # closed at the end of run()
