@@ -15,7 +15,7 @@ from torch import nn
 
 from confide.exceptions import ModelError
 
-__all__ = ["build_model", "register_model", "available_models", "LeNet", "MLP"]
+__all__ = ["build_model", "register_model", "available_models", "LeNet", "MLP", "FemnistCNN"]
 
 ModelFactory = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
@@ -97,9 +97,47 @@ def _lenet(*, input_shape: tuple[int, ...], num_classes: int, **_: object) -> nn
     return LeNet(input_shape[0], input_shape[1], input_shape[2], num_classes)
 
 
+class FemnistCNN(nn.Module):
+    """LEAF's FEMNIST CNN (Caldas et al. 2018, ``models/femnist/cnn.py``).
+
+    conv 5x5 32 'same', pool, conv 5x5 64 'same', pool, fc 2048, fc classes: 6.6M parameters
+    on 28x28 input.
+    """
+
+    def __init__(self, channels: int, height: int, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * (height // 4) * (width // 4), 2048),
+            nn.ReLU(),
+            nn.Linear(2048, num_classes),
+        )
+
+    def forward(self, x):  # noqa: D102
+        return self.classifier(self.features(x))
+
+
+def _femnist_cnn(*, input_shape: tuple[int, ...], num_classes: int, **_: object) -> nn.Module:
+    if len(input_shape) != 3 or input_shape[1] < 4 or input_shape[2] < 4:
+        raise ModelError(
+            f"model 'femnist_cnn' needs images shaped (channels, height>=4, width>=4); this "
+            f"dataset's samples are shaped {tuple(input_shape)}"
+        )
+    return FemnistCNN(input_shape[0], input_shape[1], input_shape[2], num_classes)
+
+
 register_model("logreg", _logreg)
 register_model("mlp", _mlp)
 register_model("lenet", _lenet)
+register_model("femnist_cnn", _femnist_cnn)
 
 
 def _import_factory(path: str) -> ModelFactory:
