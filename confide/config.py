@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomli_w
-
 from confide.exceptions import ConfigError
 
 __all__ = [
@@ -364,6 +362,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 def dump_config(config: Config) -> str:
     """The resolved config as TOML text."""
+    import tomli_w  # imported here: only writing a run folder needs it
+
     return tomli_w.dumps(config_to_dict(config))
 
 
