@@ -14,6 +14,7 @@ result, so a masked-input stage can mask an update that never left the client in
 from __future__ import annotations
 
 import logging
+import secrets
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,9 +92,13 @@ class TaskRunner:
     """Builds the job's client side once and runs tasks on this client's data."""
 
     def __init__(self, source: ClientDataSource, *, device: str | None = None,
-                 allowed_model_factories: tuple[str, ...] | None = ()) -> None:
+                 allowed_model_factories: tuple[str, ...] | None = (),
+                 secret_noise_seeds: bool = True) -> None:
         self.source = source
         self.device_spec = device
+        #: DP-SGD noise from a seed only this client knows (deployment); simulation keeps
+        #: the task's seed so runs repeat
+        self.secret_noise_seeds = secret_noise_seeds
         #: ``module:factory`` models this client agrees to import; None allows any (simulation)
         self.allowed_model_factories = allowed_model_factories
         self._built: dict[str, _BuiltJob] = {}
@@ -161,6 +166,10 @@ class TaskRunner:
         built = self._build(job)
         x, y = self._tensors(job, task.client_id, built.device)
         session = self.session(task.client_id)
+        if self.secret_noise_seeds and built.config.privacy.mode == "dp-sgd":
+            # The task seed comes from the coordinator; DP-SGD noise drawn from it could be
+            # subtracted by the coordinator (confide.privacy.dpsgd, "Randomness").
+            task.seed = secrets.randbits(63)
         session.job, session.config, session.last_task = job, built.config, task
         result = run_client_task(task, built.trainer, x, y, built.strategy, built.pipeline)
         session.last_result = result

@@ -407,6 +407,10 @@ def check_deployable(config: Config) -> None:
     if config.simulation.dropout_rate > 0:
         raise ConfigError("simulation.dropout_rate injects faults in simulation only; set it "
                           "to 0 for a deployed job")
+    if config.privacy.mode == "central" and config.privacy.adaptive_clipping:
+        raise ConfigError("privacy.adaptive_clipping is not available in deployment yet (the "
+                          "round's clip norm does not travel with the task); use a fixed "
+                          "privacy.clip_norm")
 
 
 def _evaluation_data(config: Config, test_data: Path | None) -> _Evaluation:
@@ -492,6 +496,11 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
     model = model_factory()
     params = get_flat_params(model).cpu()
     privacy = build_round_privacy(config, num_clients=n, dataset_size=evaluation.dataset_size)
+    if hasattr(privacy, "seed"):
+        # Central DP noise: in simulation it is seeded from run.seed so runs repeat; here that
+        # would let anyone who knows the job file subtract the noise. The seed comes from the
+        # OS CSPRNG and is never stored (confide.privacy.mechanisms, "Randomness").
+        privacy.seed = secrets.randbits(63)
     aggregator = build_aggregator(config)
     job = JobSpec(config_toml=dump_config(config), input_shape=evaluation.input_shape,
                   num_classes=evaluation.num_classes, num_params=num_params(model),

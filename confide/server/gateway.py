@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import ssl
@@ -88,6 +89,101 @@ class _Response:
 def _error(status: int, message: str) -> _Response:
     body = json.dumps({"error": message}).encode()
     return _Response(status, [("content-type", "application/json")], body)
+
+
+class _Stream:
+    """The byte stream of one connection (plain TCP or TLS)."""
+
+    async def read(self) -> bytes:
+        raise NotImplementedError
+
+    async def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def close_notify(self) -> None:
+        """Say goodbye at the TLS layer (nothing for plain TCP)."""
+
+
+class _PlainStream(_Stream):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def read(self) -> bytes:
+        return await self.reader.read(65536)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+class _TLSStream(_Stream):
+    """Server-side TLS over memory BIOs.
+
+    asyncio's own TLS layer closes a connection whose handshake failed without sending the
+    TLS alert OpenSSL produced, so a refused client would only see "disconnected". Driving
+    ``SSLObject`` directly lets the alert (``certificate revoked``, ``unknown ca`` ...; RFC
+    8446, Sec. 6.2) reach the client before the connection closes.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 context: ssl.SSLContext) -> None:
+        self.reader, self.writer = reader, writer
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+
+    async def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def _fill(self) -> bool:
+        data = await self.reader.read(65536)
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise ConnectionError("the client closed the connection") from None
+                continue
+            except ssl.SSLError:
+                with contextlib.suppress(ConnectionError, OSError):
+                    await self._flush()  # the alert that tells the client why
+                raise
+            await self._flush()
+            return
+
+    def peer_certificate(self) -> bytes | None:
+        return self.tls.getpeercert(binary_form=True)
+
+    async def read(self) -> bytes:
+        while True:
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    return b""
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    async def write(self, data: bytes) -> None:
+        self.tls.write(data)
+        await self._flush()
+
+    async def close_notify(self) -> None:
+        with contextlib.suppress(ssl.SSLError, ConnectionError, OSError):
+            self.tls.unwrap()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._flush()
 
 
 class Gateway:
@@ -207,28 +303,27 @@ class Gateway:
             self._ctx_stamp = stamp
         return self._ctx
 
-    def _identify(self, writer: asyncio.StreamWriter) -> x509.Certificate | None:
-        obj = writer.get_extra_info("ssl_object")
-        der = obj.getpeercert(binary_form=True) if obj is not None else None
-        return x509.load_der_x509_certificate(der) if der else None
-
     # ------------------------------------------------------------------ connections
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        stream: _Stream = _PlainStream(reader, writer)
         try:
+            cert = None
             if not self.insecure:
+                tls = _TLSStream(reader, writer, self._context())
                 try:
-                    await writer.start_tls(self._context(),
-                                           ssl_handshake_timeout=_HANDSHAKE_TIMEOUT)
+                    await asyncio.wait_for(tls.handshake(), timeout=_HANDSHAKE_TIMEOUT)
                 except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
                     self._refuse("tls-handshake")
                     log.info("refused connection from %s: TLS handshake failed (%s)", peer,
                              getattr(exc, "reason", None) or exc)
                     return
-            cert = None if self.insecure else self._identify(writer)
+                stream = tls
+                der = tls.peer_certificate()
+                cert = x509.load_der_x509_certificate(der) if der else None
             conn = h11.Connection(h11.SERVER)
             while True:
-                request = await self._read_request(conn, reader)
+                request = await self._read_request(conn, stream)
                 if request is None:
                     return
                 req, body = request
@@ -236,14 +331,16 @@ class Gateway:
                     response = body
                 else:
                     response = await self._route(req, body, cert)
-                keep = await self._send(conn, writer, response)
+                keep = await self._send(conn, stream, response)
                 if not keep or conn.our_state is h11.MUST_CLOSE:
+                    await stream.close_notify()
                     return
                 try:
                     conn.start_next_cycle()
                 except h11.LocalProtocolError:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, h11.ProtocolError, OSError):
+        except (ConnectionError, asyncio.IncompleteReadError, h11.ProtocolError, ssl.SSLError,
+                OSError):
             return
         finally:
             writer.close()
@@ -252,24 +349,24 @@ class Gateway:
             except (Exception, asyncio.CancelledError):  # noqa: BLE001, S110
                 pass
 
-    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader
+    async def _read_request(self, conn: h11.Connection, stream: _Stream
                             ) -> tuple[h11.Request, bytes | _Response] | None:
         req: h11.Request | None = None
         chunks: list[bytes] = []
         size = 0
         too_large = False
+        limit = self.max_body_bytes
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                conn.receive_data(data)
+                conn.receive_data(await stream.read())
                 continue
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
             if isinstance(event, h11.Request):
                 req = event
-                limit = _MAX_ENROL_BODY if event.target == ENROL_PATH.encode() else \
-                    self.max_body_bytes
+                if event.target == ENROL_PATH.encode():
+                    limit = _MAX_ENROL_BODY
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
@@ -284,15 +381,14 @@ class Gateway:
                     return req, _error(413, "request body too large")
                 return req, b"".join(chunks)
 
-    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter,
-                    response: _Response) -> bool:
+    async def _send(self, conn: h11.Connection, stream: _Stream, response: _Response) -> bool:
         headers = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP]
         headers.append(("content-length", str(len(response.body))))
-        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)))
+        data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
         if response.body:
-            writer.write(conn.send(h11.Data(data=response.body)))
-        writer.write(conn.send(h11.EndOfMessage()))
-        await writer.drain()
+            data += conn.send(h11.Data(data=response.body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        await stream.write(data)
         return response.status < 400 or response.status in (404,)
 
     # ------------------------------------------------------------------ routing

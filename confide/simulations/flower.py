@@ -63,7 +63,8 @@ class _RunnerHandle:
                     n = int(npz["num_partitions"])
                     source = PartitionedData(npz["x"], npz["y"],
                                              [npz[f"p{i}"] for i in range(n)])
-                runner = TaskRunner(source, device=self.device, allowed_model_factories=None)
+                runner = TaskRunner(source, device=self.device, allowed_model_factories=None,
+                                    secret_noise_seeds=False)
                 _RUNNERS[self.data_path] = runner
             return runner
 

@@ -1,0 +1,228 @@
+"""Helpers for deployment tests: processes that are always stopped, data partitions, a
+recording TCP proxy and a TLS record parser. Loopback only; ports are picked at run time."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def child_env() -> dict[str, str]:
+    """The environment for child processes (Flower state stays out of $HOME)."""
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit within {timeout:g} s; stderr:\n"
+                                 + self.stderr()[-3000:]) from None
+
+
+@dataclass
+class Processes:
+    """Every process a test starts; ``stop_all`` stops them (terminate, then kill)."""
+
+    folder: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str], *, cwd: Path | None = None) -> Proc:
+        out, err = self.folder / f"{name}.out", self.folder / f"{name}.err"
+        with out.open("wb") as fo, err.open("wb") as fe:
+            popen = subprocess.Popen(  # noqa: S603
+                [sys.executable, "-m", "confide.cli", *args], cwd=cwd or self.folder,
+                env=child_env(), stdout=fo, stderr=fe, start_new_session=True)
+        proc = Proc(name, popen, out, err)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, name: str, args: list[str], timeout: float = 120) -> Proc:
+        proc = self.start(name, args)
+        proc.wait(timeout)
+        return proc
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.popen.pid, signal.SIGKILL)
+                p.popen.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def processes(folder: Path) -> Iterator[Processes]:
+    group = Processes(folder)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+def write_partitions(job: Path, folder: Path, overrides: list[str] | None = None) -> list[Path]:
+    """The job's simulation partitions as one ``.npz`` (arrays x, y) per client."""
+    from confide.config import load_config
+    from confide.simulations.run import build_simulation
+
+    sim = build_simulation(load_config(job, overrides or []))
+    paths = []
+    for i, part in enumerate(sim.partitions):
+        path = folder / f"client{i}.npz"
+        np.savez(path, x=sim.dataset.x_train[part], y=sim.dataset.y_train[part])
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class RecordingProxy:
+    """A TCP proxy on 127.0.0.1 that records every byte in both directions."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = int(self.listener.getsockname()[1])
+        #: one entry per connection: (client->server bytes, server->client bytes)
+        self.streams: list[tuple[bytearray, bytearray]] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, daemon=True)
+        self._accept.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            record = (bytearray(), bytearray())
+            self.streams.append(record)
+            t = threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _pump(self, client: socket.socket, upstream: socket.socket,
+              record: tuple[bytearray, bytearray]) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(client, selectors.EVENT_READ, (upstream, record[0]))
+        sel.register(upstream, selectors.EVENT_READ, (client, record[1]))
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(timeout=0.2):
+                    src: socket.socket = key.fileobj  # type: ignore[assignment]
+                    dst, buf = key.data
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    buf.extend(data)
+                    dst.sendall(data)
+        except OSError:
+            return
+        finally:
+            sel.close()
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        for t in [self._accept, *self._threads]:
+            t.join(timeout=5)
+
+
+def tls_records(data: bytes) -> list[tuple[int, int]]:
+    """Split a byte stream into TLS records (RFC 8446, Sec. 5.1; RFC 5246, Sec. 6.2).
+
+    Returns ``(content_type, length)`` for each record; raises ValueError at the first byte
+    that is not the start of a well-formed record, so any plaintext in the stream fails.
+    """
+    out, i = [], 0
+    while i < len(data):
+        if len(data) - i < 5:
+            raise ValueError(f"truncated TLS record header at byte {i}")
+        ctype, major, minor, length = data[i], data[i + 1], data[i + 2], int.from_bytes(
+            data[i + 3:i + 5], "big")
+        if ctype not in (20, 21, 22, 23) or major != 3 or minor not in (1, 3):
+            raise ValueError(f"byte {i} does not start a TLS record: {data[i:i + 16]!r}")
+        if length > 2**14 + 256:  # TLSCiphertext.length limit, RFC 8446 Sec. 5.2
+            raise ValueError(f"TLS record at byte {i} is too long ({length})")
+        if i + 5 + length > len(data):
+            raise ValueError(f"TLS record at byte {i} runs past the end of the capture")
+        out.append((ctype, length))
+        i += 5 + length
+    return out
+
+
+def contains_any_window(haystack: bytes, needle: bytes, window: int = 32,
+                        step: int = 64) -> bool:
+    """Whether any ``window``-byte slice of ``needle`` (every ``step`` bytes) occurs."""
+    return any(needle[i:i + window] in haystack
+               for i in range(0, max(1, len(needle) - window), step))
