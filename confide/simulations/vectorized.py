@@ -291,6 +291,20 @@ def _as_unfold(conv: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
+def _cudnn_autotune(device: torch.device) -> Iterator[None]:
+    """Let cuDNN pick the fastest algorithms for the chunk's fixed conv shapes."""
+    if device.type != "cuda" or torch.backends.cudnn.deterministic:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@contextlib.contextmanager
 def _autocast(device: torch.device, mixed_precision: str) -> Iterator[None]:
     if mixed_precision == "bf16":
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
@@ -525,6 +539,39 @@ def _is_oom(exc: BaseException) -> bool:
                                               or "can't allocate memory" in text)
 
 
+class _Clock:
+    """Device time of the training kernels, chunk by chunk.
+
+    CUDA events on the compute stream (the copies to the host run on a side stream and are not
+    counted); wall time on the CPU.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.start = time.perf_counter()
+        self.laps: list[tuple[Any, Any]] = []
+        self._mark = self._event()
+
+    def _event(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self) -> None:
+        """End of a chunk's training."""
+        end = self._event()
+        self.laps.append((self._mark, end))
+        self._mark = self._event()
+
+    def seconds(self) -> float:
+        """Total training time (call after the device has synchronised)."""
+        if not self.cuda:
+            return sum(b - a for a, b in self.laps)
+        return sum(a.elapsed_time(b) for a, b in self.laps) / 1e3
+
+
 class CohortTrainer:
     """Trains many clients' local updates at once on one device (every rank has one)."""
 
@@ -550,6 +597,8 @@ class CohortTrainer:
         if options.compile == "torch-compile":
             self._step_fn = torch.compile(self._step, dynamic=False)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        #: seconds the device spent training in the last :meth:`train` (copies excluded)
+        self.last_compute_s = 0.0
 
     # ------------------------------------------------------------------ per-client loss
     def _client_loss(self, params: dict[str, torch.Tensor], consts: dict[str, torch.Tensor],
@@ -577,8 +626,17 @@ class CohortTrainer:
             # bf16 compute copies (fp32 masters): gradients come back in bf16, half the bytes
             compute = {n: p.to(torch.bfloat16) for n, p in params.items()}
         grads, (loss, correct) = self._vgrad(compute, state.consts, xb, yb, wb)
-        gl = [grads[n].to(params[n].dtype) for n in names]
         pl = [params[n] for n in names]
+        plain = (settings.optimizer == "sgd" and not settings.momentum
+                 and not settings.weight_decay and state.mu is None
+                 and state.correction is None)
+        if plain:
+            # w -= lr g straight from the (bf16) gradient: the same fp32 arithmetic as
+            # casting g first, one pass over the weights fewer
+            for p, n in zip(pl, names, strict=True):
+                p.add_(grads[n], alpha=-settings.lr)
+            return loss, correct
+        gl = [grads[n].to(params[n].dtype) for n in names]
         if state.mu is not None:
             # FedProx (Li et al. 2020, Eq. 2): grad += mu * (w - w_global)
             mu = state.mu[:k]
@@ -791,6 +849,11 @@ class CohortTrainer:
         Jobs are sorted by their number of steps so that a chunk holds clients of similar
         length; an out-of-memory chunk is halved and retried.
         """
+        with _cudnn_autotune(self.device):
+            return self._train(jobs, settings, global_flat, corrections)
+
+    def _train(self, jobs: Sequence[Job], settings: TrainSettings, global_flat: torch.Tensor,
+               corrections: torch.Tensor | None) -> TrainOutput:
         n = len(jobs)
         order = sorted(range(n), key=lambda i: (-jobs[i].num_steps, i))
         pin = self.device.type == "cuda"
@@ -799,9 +862,11 @@ class CohortTrainer:
         correct = torch.zeros(n, dtype=torch.int64, pin_memory=pin)
         global_flat = global_flat.to(self.device, self.dtype)
         key = (settings.batch_size, settings.optimizer, bool(settings.momentum))
+        clock = _Clock(self.device)
         pos = 0
         while pos < n:
-            size = min(self.chunk_limit(settings), n - pos)
+            left = n - pos
+            size = math.ceil(left / math.ceil(left / self.chunk_limit(settings)))  # even
             rows = order[pos:pos + size]
             chunk = [jobs[i] for i in rows]
             corr = corrections[rows] if corrections is not None else None
@@ -822,12 +887,14 @@ class CohortTrainer:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
+            clock.lap()
             self._to_host(updates[pos:pos + size], upd)
             self._to_host(loss_sum[pos:pos + size], loss)
             self._to_host(correct[pos:pos + size], corr_count)
             pos += size
         if self._copy_stream is not None:
             self._copy_stream.synchronize()
+        self.last_compute_s = clock.seconds()
         return TrainOutput(updates, order, loss_sum, correct)
 
     def _to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -1094,6 +1161,8 @@ class VectorizedExecutor(Executor):
         self._unsupported_logged: set[str] = set()
         self.fallback_reason: str | None = None
         self.trainer: CohortTrainer | None = None
+        #: per round: clients trained, executor wall seconds, device training seconds (rank 0)
+        self.stats: list[dict[str, float]] = []
         model = context.model_factory().to(context.device)
         self.fallback_reason = vectorization_blocker(model, self._sequential.trainer)
         if self.fallback_reason is None:
@@ -1155,6 +1224,8 @@ class VectorizedExecutor(Executor):
     def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:  # noqa: D102
         if self.fallback_reason is not None or self.trainer is None:
             return self._sequential.run_clients(tasks)
+        start = time.perf_counter()
+        compute = 0.0
         ctx = self.context
         outcomes: list[ClientOutcome | None] = [None] * len(tasks)
         plans: dict[tuple[TrainSettings, int], _Plan] = {}
@@ -1183,10 +1254,13 @@ class VectorizedExecutor(Executor):
                 plan.corrections[slot] = correction
         for plan in plans.values():
             self._run_plan(plan, tasks, outcomes)
+            compute += self.trainer.last_compute_s
         if leftovers:
             done = self._sequential.run_clients([tasks[i] for i in leftovers])
             for slot, outcome in zip(leftovers, done, strict=True):
                 outcomes[slot] = outcome
+        self.stats.append({"clients": float(sum(len(p.jobs) for p in plans.values())),
+                           "wall_s": time.perf_counter() - start, "compute_s": compute})
         return [o for o in outcomes if o is not None]
 
     def _log_once(self, message: str) -> None:

@@ -66,6 +66,7 @@ def _sizes_differ(sim) -> bool:
 
 @pytest.mark.parametrize("extra", [
     pytest.param([], id="fedavg-sgd-momentum"),
+    pytest.param(["client.momentum=0.0"], id="plain-sgd"),
     pytest.param(["client.momentum=0.0", "client.weight_decay=0.01"], id="sgd-weight-decay"),
     pytest.param(["client.optimizer='adam'", "client.weight_decay=0.001", "client.lr=0.01"],
                  id="adam"),
