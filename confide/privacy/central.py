@@ -112,9 +112,9 @@ class CentralDP(LedgeredPrivacy):
             eps_full = epsilon_of([(z, q, config.run.rounds)], delta=p.delta,
                                   accountant=p.accountant)
             if eps_full > p.target_epsilon:
-                log.warning("privacy: %d rounds at noise multiplier %g would spend epsilon "
-                            "%.3f > privacy.target_epsilon = %g; the run will stop before "
-                            "exceeding it", config.run.rounds, z, eps_full, p.target_epsilon)
+                log.info("privacy: %d rounds at noise multiplier %g would spend epsilon "
+                         "%.3f > privacy.target_epsilon = %g; the run will stop before "
+                         "exceeding it", config.run.rounds, z, eps_full, p.target_epsilon)
         adaptive = None
         if p.adaptive_clipping:
             adaptive = AdaptiveClipping(clip_norm=p.clip_norm, target_quantile=p.target_quantile,
