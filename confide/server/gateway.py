@@ -232,11 +232,13 @@ class Gateway:
             raise ConfideError("the gateway did not start within 30 s")
 
     def stop(self) -> None:
-        """Stop serving and close every connection."""
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
+        """Stop serving and close every connection (calling it twice is harmless)."""
+        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in the meantime
+                self._loop.call_soon_threadsafe(self._stopping.set)
         if self._thread is not None:
             self._thread.join(timeout=10)
+            self._thread = None
 
     def _run(self) -> None:
         try:
@@ -414,18 +416,18 @@ class Gateway:
 
     def _authorise(self, cert: x509.Certificate | None, headers: dict[str, str]) -> str | None:
         """None if the request may reach the SuperLink, else why not."""
+        if not self.insecure and cert is None:
+            return "a client certificate is required (enrol with 'confide client enrol')"
         try:
             header_key = serialization.load_pem_public_key(
                 base64.b64decode(headers.get(PUBLIC_KEY_HEADER, ""), validate=True))
         except (ValueError, TypeError, binascii.Error):
             return "missing or malformed node-authentication key"
-        if self.insecure:
+        if cert is None:  # --insecure: the node-authentication key is the identity
             pem = header_key.public_bytes(serialization.Encoding.PEM,
                                           serialization.PublicFormat.SubjectPublicKeyInfo)
             record = self.registry.by_public_key(pem)
         else:
-            if cert is None:
-                return "a client certificate is required (enrol with 'confide client enrol')"
             record = self.registry.by_fingerprint(cert.fingerprint(hashes.SHA256()).hex())
             if record is not None and not same_public_key(cert.public_key(), header_key):
                 return "the node-authentication key is not the certificate's key"
