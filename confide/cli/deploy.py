@@ -210,6 +210,11 @@ def server_start(
         help="Seconds a round waits for client replies.", min=1)] = 600.0,
     insecure: Annotated[bool, typer.Option(
         help="No TLS on the public port (warns; for isolated test networks only).")] = False,
+    poll_interval: Annotated[float, typer.Option(
+        help="Seconds between polls for replies right after sending (backs off).",
+        min=0.001)] = 0.01,
+    max_poll_interval: Annotated[float, typer.Option(
+        help="Longest wait between polls for replies.", min=0.001)] = 0.1,
     quiet: QuietOpt = False,
 ) -> None:
     """Start the coordinator (SuperLink, gateway, enrolment) and run the job."""
@@ -218,7 +223,8 @@ def server_start(
     _logging(quiet)
     options = DeployOptions(host=host, port=port, output=output, insecure=insecure,
                             wait_for_clients_s=wait, round_timeout_s=round_timeout,
-                            test_data=test_data)
+                            test_data=test_data, poll_interval_s=poll_interval,
+                            max_poll_interval_s=max_poll_interval)
 
     def on_round(record: dict[str, Any]) -> None:
         acc = record.get("test_accuracy")

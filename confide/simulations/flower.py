@@ -102,6 +102,7 @@ class FlowerSimulationExecutor(Executor):
         self._grid_queue: queue.Queue[Any] = queue.Queue()
         self._errors: queue.Queue[BaseException] = queue.Queue()
         self._executor: Any = None
+        self._flwr_level: int | None = None
 
     # ------------------------------------------------------------------ start-up
     def _job(self) -> JobSpec:
@@ -156,6 +157,10 @@ class FlowerSimulationExecutor(Executor):
                 errors.put(exc)
                 grids.put(None)
 
+        # Flower logs every message at INFO (and a deprecation notice for run_simulation);
+        # Confide reports rounds itself.
+        self._flwr_level = logging.getLogger("flwr").level
+        logging.getLogger("flwr").setLevel(logging.ERROR)
         self._thread = threading.Thread(target=run, name="confide-flower-sim", daemon=True)
         self._thread.start()
         grid = self._grid_queue.get(timeout=600)
@@ -188,6 +193,9 @@ class FlowerSimulationExecutor(Executor):
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        if self._flwr_level is not None:
+            logging.getLogger("flwr").setLevel(self._flwr_level)
+            self._flwr_level = None
 
 
 def _missing(name: str) -> bool:

@@ -1,0 +1,196 @@
+"""Seconds per round of a deployed job: 3 client processes on loopback, a small model.
+
+The coordinator (``confide server start``: SuperLink + mTLS gateway + ServerApp) and three
+``confide client start`` processes run the default digits MLP (64-128-10) with FedAvg, over
+TLS with node authentication, exactly as a deployment does. Variants, side by side:
+
+* ``confide``: the defaults (ClientApp in the client process, polls every 10 ms right after
+  work, backing off to 100 ms when idle; objects pulled with a 10 ms back-off);
+* ``flower-polling``: the same processes polling like Flower's own loops (every 3 s on both
+  sides: ``flower-supernode`` sleeps 3 s between empty pulls, ``Grid.send_and_receive`` 3 s);
+* ``sequential simulation``: the same job in one process (the baseline the ratio uses).
+
+Round 1 includes each client building the job (imports, model) and is reported apart.
+The machine is shared: the load average before and after each variant is recorded.
+
+    python benchmarks/deploy_round_time.py [--rounds 8] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+JOB = """
+[run]
+seed = 0
+rounds = {rounds}
+[data]
+dataset = "digits"
+num_clients = 3
+partition = "iid"
+[client]
+device = "cpu"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(args: list[str], folder: Path, name: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    with (folder / f"{name}.err").open("wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "confide.cli", *args], cwd=folder,
+                                env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+
+def _partitions(job: Path, folder: Path) -> list[Path]:
+    from confide.config import load_config
+    from confide.simulations.run import build_simulation
+
+    sim = build_simulation(load_config(job))
+    out = []
+    for i, part in enumerate(sim.partitions):
+        np.savez(folder / f"client{i}.npz", x=sim.dataset.x_train[part],
+                 y=sim.dataset.y_train[part])
+        out.append(folder / f"client{i}.npz")
+    return out
+
+
+def deployed(rounds: int, *, poll: float, max_poll: float, threads: int) -> dict[str, object]:
+    """One deployed job; per-round seconds from the coordinator's timings.csv."""
+    folder = Path(tempfile.mkdtemp(prefix="confide-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        job = folder / "job.toml"
+        job.write_text(JOB.format(rounds=rounds))
+        data = _partitions(job, folder)
+        from confide.server.ca import init_federation, load_federation
+        from confide.server.enrolment import EnrolmentAuthority
+
+        init_federation(folder / "fed", name="bench", hosts=["127.0.0.1"])
+        authority = EnrolmentAuthority(load_federation(folder / "fed"))
+        tokens = [authority.issue_token(name=f"c{i}") for i in range(3)]
+        port = _free_port()
+        timing = ["--poll-interval", str(poll), "--max-poll-interval", str(max_poll)]
+        server = _cli(["server", "start", "--ca", "fed", "--config", "job.toml", "--port",
+                       str(port), "--output", "run", "--wait", "300", *timing], folder,
+                      "server")
+        procs.append(server)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if server.poll() is not None:
+                raise RuntimeError((folder / "server.err").read_text())
+            time.sleep(0.2)
+        from confide.client.enrol import enrol_online
+
+        for i in range(3):
+            enrol_online(coordinator=f"127.0.0.1:{port}", token=tokens[i],
+                         directory=folder / f"c{i}")
+        for i in range(3):
+            procs.append(_cli(["client", "start", "--dir", f"c{i}", "--data", str(data[i]),
+                               "--threads", str(threads), "-q", *timing], folder, f"c{i}"))
+        if server.wait(timeout=900) != 0:
+            raise RuntimeError((folder / "server.err").read_text()[-2000:])
+        with (folder / "run" / "timings.csv").open() as fh:
+            seconds = [float(r["round_s"]) for r in csv.DictReader(fh)]
+        history = json.loads((folder / "run" / "history.json").read_text())
+        return {"round_s": seconds, "first_round_s": seconds[0],
+                "median_later_round_s": statistics.median(seconds[1:]),
+                "final_accuracy": history[-1]["test_accuracy"]}
+    finally:
+        _stop(procs)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def simulated(rounds: int, *, threads: int) -> dict[str, object]:
+    import torch
+
+    from confide.config import load_config
+    from confide.simulations.run import build_simulation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.toml"
+        job.write_text(JOB.format(rounds=rounds))
+        sim = build_simulation(load_config(job))
+        torch.set_num_threads(threads)  # as each deployed client
+        sim.coordinator.run()
+        seconds = [t["round_s"] for t in sim.coordinator.timings]
+    return {"round_s": seconds, "first_round_s": seconds[0],
+            "median_later_round_s": statistics.median(seconds[1:]),
+            "final_accuracy": sim.coordinator.history[-1]["test_accuracy"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per client process (3 clients share the CPUs)")
+    parser.add_argument("--skip-flower-polling", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    variants: dict[str, dict[str, object]] = {}
+
+    def run(name: str, fn, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        before = os.getloadavg()[0]
+        result = fn(args.rounds, **kwargs)
+        result["load_before"], result["load_after"] = before, os.getloadavg()[0]
+        variants[name] = result
+        print(f"{name:>24}: first round {result['first_round_s']:.2f} s, later rounds "
+              f"median {result['median_later_round_s']:.3f} s, final accuracy "
+              f"{result['final_accuracy']:.4f} (load {before:.1f} -> "
+              f"{result['load_after']:.1f})", flush=True)
+
+    run("sequential simulation", simulated, threads=args.threads)
+    run("confide", deployed, poll=0.01, max_poll=0.1, threads=args.threads)
+    if not args.skip_flower_polling:
+        run("flower-polling", deployed, poll=3.0, max_poll=3.0, threads=args.threads)
+    base = variants["sequential simulation"]["median_later_round_s"]
+    for v in variants.values():
+        v["ratio_to_simulation"] = v["median_later_round_s"] / base  # type: ignore[operator]
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "deploy_round_time.json"
+    out.write_text(json.dumps({"rounds": args.rounds, "clients": 3, "model": "mlp 64-128-10",
+                               "threads_per_client": args.threads, "cpus": os.cpu_count(),
+                               "variants": variants}, indent=2))
+    print(f"target < 2 s per round: confide later rounds "
+          f"{variants['confide']['median_later_round_s']:.3f} s; written to {out}")
+
+
+if __name__ == "__main__":
+    main()
