@@ -120,12 +120,37 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
             nn.FeatureAlphaDropout)
 
 
+def _is_dp_sgd_trainer(trainer: object) -> bool:
+    # by name: importing confide.privacy.dpsgd would import opacus
+    cls = type(trainer)
+    return cls.__name__ == "DPSGDTrainer" and cls.__module__ == "confide.privacy.dpsgd"
+
+
+@dataclass(frozen=True)
+class DPSGDSpec:
+    """DP-SGD as ``confide.privacy.dpsgd.DPSGDTrainer`` runs it through Opacus."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+def dp_sgd_spec(trainer: object) -> tuple[DPSGDSpec | None, str | None]:
+    """The DP-SGD settings of ``trainer`` (None for plain training), or why not vectorised."""
+    if not _is_dp_sgd_trainer(trainer):
+        return None, None
+    z = getattr(trainer, "noise_multiplier", None)
+    if z is None or getattr(trainer, "target_epsilon", None) is not None:
+        return None, ("DP-SGD with privacy.target_epsilon (per-client calibration and budget "
+                      "checks) is not vectorised; set privacy.noise_multiplier alone")
+    return DPSGDSpec(float(z), float(trainer.max_grad_norm)), None  # type: ignore[attr-defined]
+
+
 def vectorization_blocker(model: nn.Module, trainer: LocalTrainer | None = None) -> str | None:
     """Why ``model`` (trained by ``trainer``) cannot be vectorised exactly, or None if it can."""
     if trainer is not None:
-        if type(trainer) is not LocalTrainer:
-            return (f"the local trainer is {type(trainer).__name__} (e.g. DP-SGD), which has no "
-                    "vectorised equivalent yet")
+        if type(trainer) is not LocalTrainer and not _is_dp_sgd_trainer(trainer):
+            return (f"the local trainer is {type(trainer).__name__}, which has no vectorised "
+                    "equivalent")
         loss = trainer.loss_fn
         if not (type(loss) is nn.CrossEntropyLoss and loss.weight is None
                 and loss.reduction == "mean" and loss.label_smoothing == 0.0):
@@ -435,6 +460,8 @@ class Job:
     num_steps: int
     proximal_mu: float = 0.0
     has_correction: bool = False
+    #: DP-SGD: Opacus's expected batch size ``int(n * q)`` (0 without DP-SGD)
+    expected_batch_size: int = 0
 
 
 def num_local_steps(num_samples: int, settings: TrainSettings) -> int:
@@ -464,6 +491,41 @@ def client_batches(part: np.ndarray, seed: int, settings: TrainSettings) -> np.n
     return rows
 
 
+def dp_sgd_steps_per_epoch(num_samples: int, settings: TrainSettings) -> int:
+    """Batches per epoch of Opacus's Poisson loader for ``LocalTrainer``'s batch size.
+
+    ``DPDataLoader.from_data_loader`` samples with rate ``q = 1 / len(loader)`` and its sampler
+    takes ``int(1 / q)`` steps (opacus ``UniformWithReplacementSampler``).
+    """
+    batches = max(1, math.ceil(num_samples / settings.batch_size))
+    return int(1 / (1 / batches))
+
+
+def dp_sgd_batches(part: np.ndarray, seed: int, settings: TrainSettings) -> np.ndarray:
+    """A client's DP-SGD batches as global sample indices, ``[steps, width]``, padded with -1.
+
+    Drawn by Opacus's own ``DPDataLoader`` (Poisson sampling) from the generator
+    ``DPSGDTrainer.fit`` seeds, iterated once per epoch, so the batches are the ones the
+    sequential DP-SGD trainer sees, empty batches included.
+    """
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from confide.seeding import derive_seed
+
+    n = len(part)
+    gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, "dp-sgd-batches"))
+    loader = DPDataLoader.from_data_loader(
+        DataLoader(TensorDataset(torch.arange(n)), batch_size=settings.batch_size),
+        generator=gen)
+    batches = [part[idx.numpy()] for _ in range(settings.epochs) for (idx,) in loader]
+    width = max((len(b) for b in batches), default=0)
+    rows = np.full((len(batches), width), -1, dtype=np.int64)
+    for i, b in enumerate(batches):
+        rows[i, :len(b)] = b
+    return rows
+
+
 @dataclass
 class _Schedule:
     """A chunk's batches: indices, per-sample weights, real batch sizes, active prefix."""
@@ -476,9 +538,9 @@ class _Schedule:
 
 
 def _schedule(jobs: Sequence[Job], partitions: Sequence[np.ndarray], settings: TrainSettings,
-              device: torch.device, dtype: torch.dtype) -> _Schedule:
-    per_client = [client_batches(np.asarray(partitions[j.client_id]), j.seed, settings)
-                  for j in jobs]
+              device: torch.device, dtype: torch.dtype, *, dp_sgd: bool = False) -> _Schedule:
+    batches = dp_sgd_batches if dp_sgd else client_batches
+    per_client = [batches(np.asarray(partitions[j.client_id]), j.seed, settings) for j in jobs]
     steps = max((b.shape[0] for b in per_client), default=0)
     width = max((b.shape[1] for b in per_client), default=0)
     index = np.full((len(jobs), steps, width), -1, dtype=np.int64)
@@ -488,7 +550,8 @@ def _schedule(jobs: Sequence[Job], partitions: Sequence[np.ndarray], settings: T
     count = mask.sum(-1)
     weight = mask / np.maximum(count, 1)[..., None]
     index[~mask] = 0
-    active = [int((count[:, s] > 0).sum()) for s in range(steps)]
+    lengths = np.array([b.shape[0] for b in per_client])
+    active = [int((lengths > s).sum()) for s in range(steps)]
     uniform = bool(mask.all())
     pin = device.type == "cuda"
 
@@ -515,6 +578,9 @@ class _ChunkState:
     correction: dict[str, torch.Tensor] | None  # [C, *shape]
     loss_sum: torch.Tensor  # [C] float64
     correct: torch.Tensor  # [C] int64
+    #: DP-SGD: each client's noise generator and Opacus's expected batch size [C]
+    noise_generators: list[torch.Generator] = field(default_factory=list)
+    expected_batch_size: torch.Tensor | None = None
 
 
 @dataclass
@@ -577,8 +643,9 @@ class CohortTrainer:
 
     def __init__(self, *, model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                  partitions: Sequence[np.ndarray], device: torch.device, layout: ModelLayout,
-                 options: VectorizedOptions) -> None:
+                 options: VectorizedOptions, dp_sgd: DPSGDSpec | None = None) -> None:
         self.device = device
+        self.dp_sgd = dp_sgd
         self.x = x_train
         self.y = y_train
         self.partitions = partitions
@@ -590,10 +657,15 @@ class CohortTrainer:
         self.dtype = next((v.dtype for v in self.fmodel.state_dict().values()
                            if torch.is_floating_point(v)), torch.get_default_dtype())
         self._vgrad = vmap(grad(self._client_loss, has_aux=True), in_dims=(0, None, 0, 0, 0))
+        # DP-SGD: per-sample gradients, a vmap over samples inside the vmap over clients
+        self._vgrad_per_sample = vmap(vmap(grad(self._sample_loss, has_aux=True),
+                                           in_dims=(None, None, 0, 0)),
+                                      in_dims=(0, None, 0, 0))
         self._chunk_limit: dict[tuple, int] = {}
         self._step_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._step
-        self._compile_failed = False
         self._graphs_failed = False
+        #: run the CUDA-graph path's masked full-chunk steps eagerly (tests it on the CPU)
+        self._masked_steps = False
         if options.compile == "torch-compile":
             self._step_fn = torch.compile(self._step, dynamic=False)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -614,18 +686,83 @@ class CohortTrainer:
         correct = ((logits.argmax(-1) == yb) & (wb > 0)).sum()
         return loss, (loss.detach(), correct)
 
+    def _sample_loss(self, params: dict[str, torch.Tensor], consts: dict[str, torch.Tensor],
+                     x1: torch.Tensor, y1: torch.Tensor
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        with _autocast(self.device, self.options.mixed_precision):
+            logits = functional_call(self.fmodel, (params, consts), (x1.unsqueeze(0),))
+        logits = logits.to(self.dtype)
+        loss = F.cross_entropy(logits, y1.unsqueeze(0))
+        return loss, (loss.detach(), logits.argmax(-1)[0] == y1)
+
+    def _dp_sgd_gradients(self, state: _ChunkState, k: int, compute: dict[str, torch.Tensor],
+                          xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Opacus's DP-SGD step for ``k`` clients: clip per-sample gradients, sum, add noise.
+
+        Abadi et al., CCS 2016, Algorithm 1 ("flat" clipping of the whole per-sample gradient
+        to ``max_grad_norm``), as ``opacus.optimizers.DPOptimizer`` implements it:
+        ``clip_and_accumulate`` (factor ``min(1, C / (||g_i|| + 1e-6))``), ``add_noise``
+        (``N(0, (z C)^2)`` per parameter, drawn in parameter order from the client's noise
+        generator) and ``scale_grad`` (division by the expected batch size ``int(n q)``).
+        """
+        spec = self.dp_sgd
+        if spec is None:  # pragma: no cover - only called with DP-SGD
+            raise RuntimeError("DP-SGD gradients without DP-SGD settings")
+        per_sample, (losses, hits) = self._vgrad_per_sample(compute, state.consts, xb, yb)
+        mask = (wb > 0).to(self.dtype)
+        norms = torch.stack([g.reshape(k, g.shape[1], -1).to(self.dtype).norm(2, dim=-1)
+                             for g in per_sample.values()], dim=-1).norm(2, dim=-1)
+        factor = (spec.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * mask  # padding: 0
+        std = spec.noise_multiplier * spec.max_grad_norm
+        ebs = state.expected_batch_size
+        grads = {}
+        for name, g in per_sample.items():
+            summed = torch.einsum("cb,cb...->c...", factor, g.to(self.dtype))
+            noise = torch.stack([torch.normal(0.0, std, size=tuple(summed.shape[1:]),
+                                              generator=gen, device=self.device,
+                                              dtype=self.dtype)
+                                 for gen in state.noise_generators[:k]])
+            scale = ebs[:k].view(-1, *([1] * (summed.dim() - 1)))  # type: ignore[index]
+            grads[name] = (summed + noise) / scale
+        count = mask.sum(-1)
+        loss = (losses.to(self.dtype) * mask).sum(-1) / count.clamp(min=1)  # the batch mean
+        correct = (hits & (wb > 0)).sum(-1)
+        return grads, loss, correct
+
     # ------------------------------------------------------------------ one local step
     def _step(self, state: _ChunkState, k: int, xb: torch.Tensor, yb: torch.Tensor,
-              wb: torch.Tensor, settings: TrainSettings, t: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step ``t`` of the first ``k`` clients of the chunk: gradients, rule, optimizer."""
+              wb: torch.Tensor, settings: TrainSettings, t: int,
+              active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``t`` of the first ``k`` clients of the chunk: gradients, rule, optimizer.
+
+        With ``active`` (a [k] mask), clients outside it keep their weights and optimizer
+        state unchanged: fixed shapes for CUDA graphs when clients have unequal step counts.
+        """
         names = list(state.weights)
         params = {n: state.weights[n][:k] for n in names}
         compute = params
         if self.options.mixed_precision == "bf16" and self.device.type == "cuda":
             # bf16 compute copies (fp32 masters): gradients come back in bf16, half the bytes
             compute = {n: p.to(torch.bfloat16) for n, p in params.items()}
-        grads, (loss, correct) = self._vgrad(compute, state.consts, xb, yb, wb)
+        if self.dp_sgd is not None:
+            grads, loss, correct = self._dp_sgd_gradients(state, k, compute, xb, yb, wb)
+        else:
+            grads, (loss, correct) = self._vgrad(compute, state.consts, xb, yb, wb)
+        mutated = [params[n] for n in names] + [b[:k] for group in state.opt
+                                                 for b in group.values()]
+        saved = [x.clone() for x in mutated] if active is not None else []
+        self._update(state, params, grads, k, settings, t)
+        if active is not None:
+            for x, old in zip(mutated, saved, strict=True):
+                x.copy_(torch.where(active.view(-1, *([1] * (x.dim() - 1))), x, old))
+        return loss, correct
+
+    def _update(self, state: _ChunkState, params: dict[str, torch.Tensor],
+                grads: dict[str, torch.Tensor], k: int, settings: TrainSettings, t: int
+                ) -> None:
+        """The client rule, then the optimizer, on the first ``k`` clients' weights."""
+        names = list(params)
         pl = [params[n] for n in names]
         plain = (settings.optimizer == "sgd" and not settings.momentum
                  and not settings.weight_decay and state.mu is None
@@ -635,7 +772,7 @@ class CohortTrainer:
             # casting g first, one pass over the weights fewer
             for p, n in zip(pl, names, strict=True):
                 p.add_(grads[n], alpha=-settings.lr)
-            return loss, correct
+            return
         gl = [grads[n].to(params[n].dtype) for n in names]
         if state.mu is not None:
             # FedProx (Li et al. 2020, Eq. 2): grad += mu * (w - w_global)
@@ -650,7 +787,6 @@ class CohortTrainer:
             self._adam(state, pl, gl, k, settings, t)
         else:
             self._sgd(state, pl, gl, k, settings)
-        return loss, correct
 
     @staticmethod
     def _sgd(state: _ChunkState, pl: list[torch.Tensor], gl: list[torch.Tensor], k: int,
@@ -709,9 +845,20 @@ class CohortTrainer:
             rows = corrections.to(self.device, self.dtype, non_blocking=True)
             correction = {e.name: rows[:, e.start:e.stop].view(c, *e.shape)
                           for e in self.layout.trainable}
-        return _ChunkState(weights, opt, consts, global_view, mu, correction,
-                           torch.zeros(c, dtype=torch.float64, device=self.device),
-                           torch.zeros(c, dtype=torch.int64, device=self.device))
+        state = _ChunkState(weights, opt, consts, global_view, mu, correction,
+                            torch.zeros(c, dtype=torch.float64, device=self.device),
+                            torch.zeros(c, dtype=torch.int64, device=self.device))
+        if self.dp_sgd is not None:
+            from confide.seeding import derive_seed
+
+            # DPSGDTrainer.fit's noise generator, one per client, on the training device
+            state.noise_generators = [
+                torch.Generator(device=self.device).manual_seed(
+                    derive_seed(j.seed, "dp-sgd-noise")) for j in jobs]
+            state.expected_batch_size = torch.tensor(
+                [float(j.expected_batch_size) for j in jobs], dtype=self.dtype,
+                device=self.device)
+        return state
 
     def _flat_updates(self, state: _ChunkState, global_flat: torch.Tensor) -> torch.Tensor:
         c = len(state.loss_sum)
@@ -729,14 +876,15 @@ class CohortTrainer:
                     global_flat: torch.Tensor, corrections: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Train ``jobs`` (sorted by steps, descending) together: ``(updates, loss, correct)``."""
-        sched = _schedule(jobs, self.partitions, settings, self.device, self.dtype)
+        sched = _schedule(jobs, self.partitions, settings, self.device, self.dtype,
+                          dp_sgd=self.dp_sgd is not None)
         state = self._init_state(jobs, settings, global_flat, corrections)
         steps = len(sched.active)
         graphs = (self.options.compile == "cuda-graphs" and self.device.type == "cuda"
-                  and sched.uniform and settings.optimizer == "sgd" and steps > 1
-                  and not self._graphs_failed)
-        if graphs:
-            self._run_graphed(state, sched, settings)
+                  and settings.optimizer == "sgd" and steps > 1
+                  and self.dp_sgd is None and not self._graphs_failed)
+        if graphs or self._masked_steps:
+            self._run_masked(state, sched, settings, graphed=graphs)
         else:
             for t in range(steps):
                 self._run_step(state, sched, settings, t)
@@ -763,40 +911,62 @@ class CohortTrainer:
         state.loss_sum[:k] += loss.to(torch.float64) * sched.count[:k, t]
         state.correct[:k] += correct
 
-    def _run_graphed(self, state: _ChunkState, sched: _Schedule,
-                     settings: TrainSettings) -> None:
-        """Step 0 eagerly (warm-up), then capture one step as a CUDA graph and replay it."""
-        k = len(sched.active) and sched.active[0]
+    def _run_masked(self, state: _ChunkState, sched: _Schedule, settings: TrainSettings, *,
+                    graphed: bool) -> None:
+        """Every step on the whole chunk (fixed shapes), finished clients masked out.
+
+        With ``graphed``: step 0 runs eagerly (the warm-up capture needs), then one step is
+        captured as a CUDA graph and replayed for the remaining steps, only the step's batch
+        indices copied in between: no Python or kernel-launch cost per step.
+        """
+        c = state.loss_sum.shape[0]
+        steps = len(sched.active)
+        masked = not sched.uniform
+        lengths = torch.tensor(sched.active, device=self.device)
+        active_at = torch.arange(c, device=self.device)[None, :] < lengths[:, None]  # [S, C]
         static_index = sched.index[:, 0].clone()
         static_weight = sched.weight[:, 0].clone()
         static_count = sched.count[:, 0].clone()
+        static_active = active_at[0].clone()
 
-        def one_step() -> None:
-            loss, correct = self._step(state, k, self.x[static_index], self.y[static_index],
-                                       static_weight, settings, 0)
+        def load(t: int) -> None:
+            static_index.copy_(sched.index[:, t])
+            static_weight.copy_(sched.weight[:, t])
+            static_count.copy_(sched.count[:, t])
+            static_active.copy_(active_at[t])
+
+        def one_step(t: int) -> None:
+            loss, correct = self._step(state, c, self.x[static_index], self.y[static_index],
+                                       static_weight, settings, t,
+                                       active=static_active if masked else None)
             state.loss_sum.add_(loss.to(torch.float64) * static_count)
             state.correct.add_(correct)
 
+        if not graphed:
+            for t in range(steps):
+                load(t)
+                one_step(t)
+            return
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            one_step()  # the real step 0, on a side stream as capture requires
+            one_step(0)  # the real step 0, on a side stream as capture requires
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                one_step()  # recorded, not run
+                one_step(0)  # recorded, not run (SGD only: nothing depends on t)
         except Exception as exc:
             self._graphs_failed = True
-            log.warning("vectorized: CUDA graph capture failed (%s); running steps eagerly",
-                        type(exc).__name__)
-            for t in range(1, len(sched.active)):
-                self._run_step(state, sched, settings, t)
+            log.warning("vectorized: CUDA graph capture failed (%s: %s); running steps "
+                        "eagerly", type(exc).__name__, str(exc).splitlines()[0] if str(exc)
+                        else "")
+            for t in range(1, steps):
+                load(t)
+                one_step(t)
             return
-        for t in range(1, len(sched.active)):
-            static_index.copy_(sched.index[:, t])
-            static_weight.copy_(sched.weight[:, t])
-            static_count.copy_(sched.count[:, t])
+        for t in range(1, steps):
+            load(t)
             graph.replay()
         del graph
 
@@ -810,6 +980,8 @@ class CohortTrainer:
         # weights, gradient, temporaries, optimizer state; the update row; activations saved
         # for backward and their gradients; the batch itself
         weights = trained * item * (3 + n_opt) + self.layout.size * item
+        if self.dp_sgd is not None:
+            weights += trained * item * 2 * settings.batch_size  # per-sample gradients
         acts = self.layout.activation_numel * width * item * 4
         data = math.prod(self.layout.sample_shape) * width * item
         return int(1.3 * (weights + acts + data)) + 1
@@ -957,6 +1129,7 @@ class _WorkerPayload:
     partitions: list[np.ndarray]
     layout: ModelLayout
     options: VectorizedOptions
+    dp_sgd: DPSGDSpec | None
     dtype: torch.dtype
     backend: str
     init_file: str
@@ -980,7 +1153,8 @@ def _worker_main(rank: int, payload: _WorkerPayload) -> None:
         trainer = CohortTrainer(model=payload.model, x_train=payload.x_train.to(device),
                                 y_train=payload.y_train.to(device),
                                 partitions=payload.partitions, device=device,
-                                layout=payload.layout, options=payload.options)
+                                layout=payload.layout, options=payload.options,
+                                dp_sgd=payload.dp_sgd)
         size = payload.layout.size
         while True:
             header: list[Any] = [None]
@@ -1005,6 +1179,8 @@ def _worker_main(rank: int, payload: _WorkerPayload) -> None:
                 dist.send(status, dst=0)
                 continue
             dist.send(status, dst=0)
+            if not jobs:
+                continue
             meta = torch.stack([out.loss_sum, out.correct.to(torch.float64),
                                 torch.tensor(out.order, dtype=torch.float64)], dim=1)
             dist.send(meta.to(device), dst=0)
@@ -1019,7 +1195,7 @@ class _RankPool:
     def __init__(self, *, world_size: int, device: torch.device, model: nn.Module,
                  x_train: torch.Tensor, y_train: torch.Tensor,
                  partitions: Sequence[np.ndarray], layout: ModelLayout,
-                 options: VectorizedOptions) -> None:
+                 options: VectorizedOptions, dp_sgd: DPSGDSpec | None = None) -> None:
         import torch.distributed as dist
         import torch.multiprocessing as mp
 
@@ -1044,7 +1220,7 @@ class _RankPool:
         init_file = os.path.join(self._dir, "rendezvous")
         payload = _WorkerPayload(model=copy.deepcopy(model).cpu(), x_train=x_train.cpu(),
                                  y_train=y_train.cpu(), partitions=list(partitions),
-                                 layout=layout, options=options,
+                                 layout=layout, options=options, dp_sgd=dp_sgd,
                                  dtype=torch.get_default_dtype(), backend=backend,
                                  init_file=init_file, world_size=world_size, devices=devices)
         ctx = mp.get_context("spawn")
@@ -1093,11 +1269,15 @@ class _RankPool:
                 raise DeviceError(f"vectorized: rank {rank} could not train its clients (see "
                                   "its log above)")
             n = len(shards[rank])
+            updates = torch.empty(n, size, dtype=dtype,
+                                  pin_memory=self.device.type == "cuda" and n > 0)
+            if n == 0:
+                outputs.append(TrainOutput(updates, [], torch.zeros(0, dtype=torch.float64),
+                                           torch.zeros(0, dtype=torch.int64)))
+                continue
             meta = torch.empty(n, 3, dtype=torch.float64, device=self.device)
             dist.recv(meta, src=rank)
             meta = meta.cpu()
-            updates = torch.empty(n, size, dtype=dtype,
-                                  pin_memory=self.device.type == "cuda")
             _recv_rows(updates, rank, self.device)
             outputs.append(TrainOutput(updates, [int(v) for v in meta[:, 2].tolist()],
                                        meta[:, 0].clone(), meta[:, 1].to(torch.int64)))
@@ -1165,6 +1345,9 @@ class VectorizedExecutor(Executor):
         self.stats: list[dict[str, float]] = []
         model = context.model_factory().to(context.device)
         self.fallback_reason = vectorization_blocker(model, self._sequential.trainer)
+        self.dp_sgd: DPSGDSpec | None = None
+        if self.fallback_reason is None:
+            self.dp_sgd, self.fallback_reason = dp_sgd_spec(self._sequential.trainer)
         if self.fallback_reason is None:
             self.fallback_reason = self._build_trainer(model)
         if self.fallback_reason is not None:
@@ -1184,11 +1367,14 @@ class VectorizedExecutor(Executor):
         unused, problem = _probe_model(copy.deepcopy(model), fmodel, ctx.x_train, ctx.y_train)
         if problem is not None:
             return problem
+        if self.dp_sgd is not None and unused:
+            return (f"parameters {sorted(unused)} get no gradient, which Opacus's DP-SGD does "
+                    "not accept")
         layout = _layout(model, sample, unused, unfolded)
         self.layout = layout
         self.trainer = CohortTrainer(model=model, x_train=ctx.x_train, y_train=ctx.y_train,
                                      partitions=ctx.partitions, device=ctx.device,
-                                     layout=layout, options=self.options)
+                                     layout=layout, options=self.options, dp_sgd=self.dp_sgd)
         return None
 
     def _choose_lowering(self, model: nn.Module, sample: torch.Tensor) -> list[str]:
@@ -1234,6 +1420,11 @@ class VectorizedExecutor(Executor):
             rule = ctx.strategy.client_rule(task.instructions, task.client_state)
             n = len(ctx.partitions[task.client_id])
             steps = num_local_steps(n, task.settings)
+            expected_batch_size = 0
+            if self.dp_sgd is not None:
+                per_epoch = dp_sgd_steps_per_epoch(n, task.settings)
+                steps = task.settings.epochs * per_epoch
+                expected_batch_size = int(n * (1 / per_epoch))  # Opacus make_private
             if task.drop_after_steps is not None and task.drop_after_steps < steps:
                 # LocalTrainer.fit raises ClientDropped before step ``drop_after_steps``
                 outcomes[slot] = ClientOutcome(task.client_id, failure=DROP_MESSAGE)
@@ -1249,7 +1440,8 @@ class VectorizedExecutor(Executor):
             plan.jobs.append(Job(slot=slot, client_id=task.client_id, seed=task.seed,
                                  num_samples=n, num_steps=steps,
                                  proximal_mu=float(rule.proximal_mu),
-                                 has_correction=correction is not None))
+                                 has_correction=correction is not None,
+                                 expected_batch_size=expected_batch_size))
             if correction is not None:
                 plan.corrections[slot] = correction
         for plan in plans.values():
@@ -1288,7 +1480,7 @@ class VectorizedExecutor(Executor):
                                    model=self.context.model_factory(),
                                    x_train=self.context.x_train, y_train=self.context.y_train,
                                    partitions=self.context.partitions, layout=self.layout,
-                                   options=self.options)
+                                   options=self.options, dp_sgd=self.dp_sgd)
         if self._pool is not None:
             shards = shard_jobs(plan.jobs, world)
             self._pool.start_round(shards, plan.settings, plan.global_params,
@@ -1307,10 +1499,12 @@ class VectorizedExecutor(Executor):
             for row, j in enumerate(out.order):
                 job = jobs[j]
                 seen = max(1, job.num_samples * plan.settings.epochs)
+                metrics = {"train_loss": losses[row] / seen,
+                           "train_accuracy": corrects[row] / seen}
+                if self.dp_sgd is not None:
+                    self._report_dp_sgd(job, plan.settings, metrics)
                 fit = FitOutput(update=out.updates[row], num_examples=job.num_samples,
-                                num_steps=job.num_steps,
-                                metrics={"train_loss": losses[row] / seen,
-                                         "train_accuracy": corrects[row] / seen})
+                                num_steps=job.num_steps, metrics=metrics)
                 task = tasks[job.slot]
                 try:
                     result = finish_client_task(task, fit, self.context.strategy,
@@ -1319,6 +1513,24 @@ class VectorizedExecutor(Executor):
                     outcomes[job.slot] = ClientOutcome(task.client_id, failure=str(exc))
                     continue
                 outcomes[job.slot] = ClientOutcome(task.client_id, result=result)
+
+    def _report_dp_sgd(self, job: Job, settings: TrainSettings, metrics: dict[str, float]
+                       ) -> None:
+        """Report what ``DPSGDTrainer.fit`` reports once Opacus's accountant saw the steps.
+
+        The event ``(z, q, steps)`` goes to its ``on_fit`` hook (the privacy layer charges it to
+        the client's account in the pipeline), and into the metrics.
+        """
+        spec = self.dp_sgd
+        if spec is None:  # pragma: no cover
+            return
+        q = 1 / dp_sgd_steps_per_epoch(job.num_samples, settings)
+        event = (float(spec.noise_multiplier), float(q), int(job.num_steps))
+        on_fit = getattr(self._sequential.trainer, "on_fit", None)
+        if on_fit is not None:
+            on_fit(event)
+        metrics.update({"dp_noise_multiplier": event[0], "dp_sample_rate": event[1],
+                        "dp_steps": float(event[2])})
 
     def close(self) -> None:  # noqa: D102
         if self._pool is not None:
