@@ -584,6 +584,21 @@ class _ChunkState:
 
 
 @dataclass
+class _StaticChunk:
+    """A chunk's state and step inputs in fixed buffers (what a CUDA graph reads and writes)."""
+
+    key: tuple
+    state: _ChunkState
+    global_flat: torch.Tensor
+    corrections: torch.Tensor | None
+    index: torch.Tensor  # [C, B] the step's batch indices
+    weight: torch.Tensor  # [C, B]
+    count: torch.Tensor  # [C]
+    active: torch.Tensor  # [C] bool
+    graph: Any = None
+
+
+@dataclass
 class TrainOutput:
     """A trained set of jobs: per-job update rows (host memory) and metric sums."""
 
@@ -666,6 +681,7 @@ class CohortTrainer:
         self._graphs_failed = False
         #: run the CUDA-graph path's masked full-chunk steps eagerly (tests it on the CPU)
         self._masked_steps = False
+        self._static: _StaticChunk | None = None
         if options.compile == "torch-compile":
             self._step_fn = torch.compile(self._step, dynamic=False)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -878,17 +894,64 @@ class CohortTrainer:
         """Train ``jobs`` (sorted by steps, descending) together: ``(updates, loss, correct)``."""
         sched = _schedule(jobs, self.partitions, settings, self.device, self.dtype,
                           dp_sgd=self.dp_sgd is not None)
-        state = self._init_state(jobs, settings, global_flat, corrections)
         steps = len(sched.active)
         graphs = (self.options.compile == "cuda-graphs" and self.device.type == "cuda"
                   and settings.optimizer == "sgd" and steps > 1
                   and self.dp_sgd is None and not self._graphs_failed)
-        if graphs or self._masked_steps:
-            self._run_masked(state, sched, settings, graphed=graphs)
-        else:
-            for t in range(steps):
-                self._run_step(state, sched, settings, t)
+        if (graphs or self._masked_steps) and self.dp_sgd is None:
+            static = self._static_chunk(jobs, sched, settings, global_flat, corrections)
+            self._run_masked(static, sched, settings, graphed=graphs)
+            state = static.state
+            # copies: the cached state is refilled in place by the next chunk
+            return (self._flat_updates(state, static.global_flat), state.loss_sum.clone(),
+                    state.correct.clone())
+        state = self._init_state(jobs, settings, global_flat, corrections)
+        for t in range(steps):
+            self._run_step(state, sched, settings, t)
         return self._flat_updates(state, global_flat), state.loss_sum, state.correct
+
+    def _static_chunk(self, jobs: Sequence[Job], sched: _Schedule, settings: TrainSettings,
+                      global_flat: torch.Tensor, corrections: torch.Tensor | None
+                      ) -> _StaticChunk:
+        """The chunk's state in fixed buffers, refilled in place while its shape stays.
+
+        A captured CUDA graph reads and writes these buffers, so it replays across chunks
+        and rounds.
+        """
+        has_mu = any(j.proximal_mu for j in jobs)
+        key = (len(jobs), sched.index.shape[2], settings, not sched.uniform, has_mu,
+               corrections is not None)
+        static = self._static
+        if static is None or static.key != key:
+            self._static = None  # free the previous buffers and graph first
+            g = global_flat.clone()
+            rows = (corrections.to(self.device, self.dtype).clone()
+                    if corrections is not None else None)
+            state = self._init_state(jobs, settings, g, rows)
+            c, width = sched.index.shape[0], sched.index.shape[2]
+            static = _StaticChunk(
+                key=key, state=state, global_flat=g, corrections=rows,
+                index=torch.zeros(c, width, dtype=torch.int64, device=self.device),
+                weight=torch.zeros(c, width, dtype=self.dtype, device=self.device),
+                count=torch.zeros(c, dtype=torch.float64, device=self.device),
+                active=torch.zeros(c, dtype=torch.bool, device=self.device))
+            self._static = static
+            return static
+        state = static.state
+        static.global_flat.copy_(global_flat)
+        for e in self.layout.trainable:
+            state.weights[e.name].copy_(state.global_view[e.name].expand_as(
+                state.weights[e.name]))
+        for group in state.opt:
+            for buf in group.values():
+                buf.zero_()
+        if state.mu is not None:
+            state.mu.copy_(torch.tensor([j.proximal_mu for j in jobs], dtype=self.dtype))
+        if static.corrections is not None and corrections is not None:
+            static.corrections.copy_(corrections)
+        state.loss_sum.zero_()
+        state.correct.zero_()
+        return static
 
     def _run_step(self, state: _ChunkState, sched: _Schedule, settings: TrainSettings,
                   t: int) -> None:
@@ -911,35 +974,33 @@ class CohortTrainer:
         state.loss_sum[:k] += loss.to(torch.float64) * sched.count[:k, t]
         state.correct[:k] += correct
 
-    def _run_masked(self, state: _ChunkState, sched: _Schedule, settings: TrainSettings, *,
+    def _run_masked(self, static: _StaticChunk, sched: _Schedule, settings: TrainSettings, *,
                     graphed: bool) -> None:
         """Every step on the whole chunk (fixed shapes), finished clients masked out.
 
-        With ``graphed``: step 0 runs eagerly (the warm-up capture needs), then one step is
-        captured as a CUDA graph and replayed for the remaining steps, only the step's batch
-        indices copied in between: no Python or kernel-launch cost per step.
+        With ``graphed``, one step is captured as a CUDA graph (after a real step 0 as the
+        warm-up capture needs, the first time a chunk of this shape trains) and replayed for
+        every step: only the step's batch indices are copied in between, no Python or
+        kernel-launch cost per step.
         """
+        state = static.state
         c = state.loss_sum.shape[0]
         steps = len(sched.active)
-        masked = not sched.uniform
+        masked = static.key[3]
         lengths = torch.tensor(sched.active, device=self.device)
         active_at = torch.arange(c, device=self.device)[None, :] < lengths[:, None]  # [S, C]
-        static_index = sched.index[:, 0].clone()
-        static_weight = sched.weight[:, 0].clone()
-        static_count = sched.count[:, 0].clone()
-        static_active = active_at[0].clone()
 
         def load(t: int) -> None:
-            static_index.copy_(sched.index[:, t])
-            static_weight.copy_(sched.weight[:, t])
-            static_count.copy_(sched.count[:, t])
-            static_active.copy_(active_at[t])
+            static.index.copy_(sched.index[:, t])
+            static.weight.copy_(sched.weight[:, t])
+            static.count.copy_(sched.count[:, t])
+            static.active.copy_(active_at[t])
 
         def one_step(t: int) -> None:
-            loss, correct = self._step(state, c, self.x[static_index], self.y[static_index],
-                                       static_weight, settings, t,
-                                       active=static_active if masked else None)
-            state.loss_sum.add_(loss.to(torch.float64) * static_count)
+            loss, correct = self._step(state, c, self.x[static.index], self.y[static.index],
+                                       static.weight, settings, t,
+                                       active=static.active if masked else None)
+            state.loss_sum.add_(loss.to(torch.float64) * static.count)
             state.correct.add_(correct)
 
         if not graphed:
@@ -947,28 +1008,35 @@ class CohortTrainer:
                 load(t)
                 one_step(t)
             return
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            one_step(0)  # the real step 0, on a side stream as capture requires
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                one_step(0)  # recorded, not run (SGD only: nothing depends on t)
-        except Exception as exc:
-            self._graphs_failed = True
-            log.warning("vectorized: CUDA graph capture failed (%s: %s); running steps "
-                        "eagerly", type(exc).__name__, str(exc).splitlines()[0] if str(exc)
-                        else "")
-            for t in range(1, steps):
-                load(t)
-                one_step(t)
-            return
-        for t in range(1, steps):
+        first = 0
+        if static.graph is None:
+            load(0)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                one_step(0)  # the real step 0, on a side stream as capture requires
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            first = 1
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    one_step(0)  # recorded, not run (SGD only: nothing depends on t)
+            except Exception as exc:
+                self._static = None
+                if _is_oom(exc):
+                    raise
+                self._graphs_failed = True
+                log.warning("vectorized: CUDA graph capture failed (%s: %s); running steps "
+                            "eagerly", type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "")
+                for t in range(1, steps):
+                    load(t)
+                    one_step(t)
+                return
+            static.graph = graph
+        for t in range(first, steps):
             load(t)
-            graph.replay()
-        del graph
+            static.graph.replay()
 
     # ------------------------------------------------------------------ memory
     def client_bytes(self, settings: TrainSettings) -> int:
