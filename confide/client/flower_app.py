@@ -86,6 +86,7 @@ class _BuiltJob:
     pipeline: ClientPipeline
     trainer: LocalTrainer
     device: torch.device
+    weighting: str
 
 
 class TaskRunner:
@@ -93,12 +94,16 @@ class TaskRunner:
 
     def __init__(self, source: ClientDataSource, *, device: str | None = None,
                  allowed_model_factories: tuple[str, ...] | None = (),
-                 secret_noise_seeds: bool = True) -> None:
+                 secret_noise_seeds: bool = True, local_secure_aggregation: bool = True
+                 ) -> None:
         self.source = source
         self.device_spec = device
         #: DP-SGD noise from a seed only this client knows (deployment); simulation keeps
         #: the task's seed so runs repeat
         self.secret_noise_seeds = secret_noise_seeds
+        #: with secure aggregation on, keep the update here and answer the SecAgg stages
+        #: (deployment); simulation's in-process aggregator needs the update instead
+        self.local_secure_aggregation = local_secure_aggregation
         #: ``module:factory`` models this client agrees to import; None allows any (simulation)
         self.allowed_model_factories = allowed_model_factories
         self._built: dict[str, _BuiltJob] = {}
@@ -144,7 +149,7 @@ class TaskRunner:
                              f"builds {num_params(trainer.model)}; versions differ?")
         built = _BuiltJob(config=config, strategy=strategy,
                           pipeline=ClientPipeline(privacy.client_stages()), trainer=trainer,
-                          device=device)
+                          device=device, weighting=privacy.weighting)
         self._built = {job.digest: built}  # one job at a time
         return built
 
@@ -171,9 +176,16 @@ class TaskRunner:
             # subtracted by the coordinator (confide.privacy.dpsgd, "Randomness").
             task.seed = secrets.randbits(63)
         session.job, session.config, session.last_task = job, built.config, task
+        session.last_result = None
+        session.scratch["weighting"] = built.weighting
         result = run_client_task(task, built.trainer, x, y, built.strategy, built.pipeline)
         session.last_result = result
         return result
+
+    def keeps_update_local(self, job: JobSpec) -> bool:
+        """Whether this client's update must not travel in the clear for ``job``."""
+        return self.local_secure_aggregation and \
+            self._build(job).config.secure_aggregation.enabled
 
 
 def _error_reply(message: Message, code: int, reason: str) -> Message:
@@ -195,13 +207,15 @@ def build_client_app(runner: TaskRunner | Callable[[], TaskRunner], *,
     def train(message: Message, context: Context) -> Message:
         try:
             task, job = decode_task(message.content)
-            result = get_runner().train(task, job)
+            runner_ = get_runner()
+            result = runner_.train(task, job)
+            local = runner_.keeps_update_local(job)
         except ClientDropped as exc:
             return _error_reply(message, ERROR_DROPPED, str(exc))
         except ConfideError as exc:
             log.error("task refused: %s", exc)
             return _error_reply(message, ERROR_REFUSED, str(exc))
-        return Message(encode_result(result), reply_to=message)
+        return Message(encode_result(result, include_vectors=not local), reply_to=message)
 
     @app.query("confide_hello")
     def hello(message: Message, context: Context) -> Message:
@@ -213,7 +227,9 @@ def build_client_app(runner: TaskRunner | Callable[[], TaskRunner], *,
         return Message(RecordDict({"confide.finish": ConfigRecord({"ok": True})}),
                        reply_to=message)
 
-    for name, handler in _STAGES.items():
+    from confide.client.secagg_stage import STAGE, handle_secagg_stage
+
+    for name, handler in {STAGE: handle_secagg_stage, **_STAGES}.items():
         _register_stage(app, name, handler, get_runner)
     return app
 

@@ -189,8 +189,13 @@ def decode_task(content: RecordDict) -> tuple[ClientTask, JobSpec]:
 # --------------------------------------------------------------------------- results
 
 
-def encode_result(result: ClientResult) -> RecordDict:
-    """A client's result as Flower records (only scalar metrics/info travel)."""
+def encode_result(result: ClientResult, *, include_vectors: bool = True) -> RecordDict:
+    """A client's result as Flower records (only scalar metrics/info travel).
+
+    ``include_vectors=False`` (secure aggregation in a deployment) keeps the update, the
+    auxiliary vectors and the client state on the client: only counts and metrics travel,
+    and the masked contribution follows in the secure-aggregation stages.
+    """
     cfg: dict[str, Any] = {"client_id": result.client_id, "num_examples": result.num_examples,
                            "num_steps": result.num_steps}
     for k, m in result.metrics.items():
@@ -200,17 +205,23 @@ def encode_result(result: ClientResult) -> RecordDict:
             cfg[f"info.{k}"] = v
         elif isinstance(v, torch.Tensor) and v.numel() == 1:
             cfg[f"info.{k}"] = float(v)
-    tensors = {"update": tensor_to_array(result.update)}
-    for k, t in result.aux.items():
-        tensors[f"aux.{k}"] = tensor_to_array(t)
-    for k, t in result.new_state.items():
-        tensors[f"state.{k}"] = tensor_to_array(t)
+    tensors: dict[str, Array] = {}
+    if include_vectors:
+        tensors["update"] = tensor_to_array(result.update)
+        for k, t in result.aux.items():
+            tensors[f"aux.{k}"] = tensor_to_array(t)
+        for k, t in result.new_state.items():
+            tensors[f"state.{k}"] = tensor_to_array(t)
     return RecordDict({_RESULT: ConfigRecord(cfg), _RESULT_TENSORS: ArrayRecord(tensors)})
 
 
 def decode_result(content: RecordDict, *, client_id: int, num_params: int,
-                  aux_names: tuple[str, ...] = ()) -> ClientResult:
-    """A client's reply, checked: its id, vector lengths, counts and metric sizes."""
+                  aux_names: tuple[str, ...] = (), with_vectors: bool = True) -> ClientResult:
+    """A client's reply, checked: its id, vector lengths, counts and metric sizes.
+
+    With ``with_vectors=False`` the reply must carry no vectors at all (secure aggregation:
+    they arrive masked later); the result then holds zero placeholders of the right shape.
+    """
     what = f"reply of client {client_id}"
     try:
         cfg = content.config_records[_RESULT]
@@ -225,9 +236,15 @@ def decode_result(content: RecordDict, *, client_id: int, num_params: int,
         raise ProtocolError(f"{what}: negative counts")
     if len(cfg) > 3 + 2 * _MAX_ENTRIES or len(tensors) > 1 + 2 * _MAX_ENTRIES:
         raise ProtocolError(f"{what}: too many entries")
-    update = array_to_tensor(tensors.get("update"), name="update", length=num_params)
-    aux = {k[len("aux."):]: array_to_tensor(v, name=k, length=num_params)
-           for k, v in tensors.items() if k.startswith("aux.")}
+    if not with_vectors:
+        if len(tensors):
+            raise ProtocolError(f"{what}: vectors in the clear under secure aggregation")
+        update = torch.zeros(num_params)
+        aux = {k: torch.zeros(num_params) for k in aux_names}
+    else:
+        update = array_to_tensor(tensors.get("update"), name="update", length=num_params)
+        aux = {k[len("aux."):]: array_to_tensor(v, name=k, length=num_params)
+               for k, v in tensors.items() if k.startswith("aux.")}
     missing = [a for a in aux_names if a not in aux]
     if missing:
         raise ProtocolError(f"{what}: auxiliary vector {missing[0]!r} is missing")

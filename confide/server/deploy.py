@@ -407,6 +407,15 @@ def check_deployable(config: Config) -> None:
     if config.simulation.dropout_rate > 0:
         raise ConfigError("simulation.dropout_rate injects faults in simulation only; set it "
                           "to 0 for a deployed job")
+    if config.secure_aggregation.enabled:
+        from confide.strategies.registry import get_strategy
+
+        strategy = get_strategy(config.strategy.name)
+        if strategy.aux_names:
+            raise ConfigError(f"strategy {config.strategy.name!r} keeps per-client state "
+                              "that would leave clients in the clear; under secure "
+                              "aggregation in deployment use a strategy without it (fedavg, "
+                              "fedavgm, fedprox, fedadam, ...)")
     if config.privacy.mode == "central" and config.privacy.adaptive_clipping:
         raise ConfigError("privacy.adaptive_clipping is not available in deployment yet (the "
                           "round's clip norm does not travel with the task); use a fixed "
@@ -501,7 +510,12 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
         # would let anyone who knows the job file subtract the noise. The seed comes from the
         # OS CSPRNG and is never stored (confide.privacy.mechanisms, "Randomness").
         privacy.seed = secrets.randbits(63)
-    aggregator = build_aggregator(config)
+    if config.secure_aggregation.enabled:
+        from confide.server.secagg_transport import DeployedSecureAggregator
+
+        aggregator: Any = DeployedSecureAggregator(config)
+    else:
+        aggregator = build_aggregator(config)
     job = JobSpec(config_toml=dump_config(config), input_shape=evaluation.input_shape,
                   num_classes=evaluation.num_classes, num_params=num_params(model),
                   num_clients=n, dataset_size=evaluation.dataset_size)
@@ -553,7 +567,10 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
                                     aux_names=strategy.aux_names,
                                     round_timeout=options.round_timeout_s,
                                     poll_interval=options.poll_interval_s,
-                                    max_poll_interval=options.max_poll_interval_s)
+                                    max_poll_interval=options.max_poll_interval_s,
+                                    vectors_in_replies=not config.secure_aggregation.enabled)
+            if config.secure_aggregation.enabled:
+                aggregator.executor = executor
 
             def main(grid_: Any, _context: Any) -> None:
                 coordinator = Coordinator(

@@ -57,7 +57,8 @@ class GridExecutor(Executor):
 
     def __init__(self, *, grid: Grid, nodes: NodeDirectory, job: JobSpec,
                  aux_names: tuple[str, ...] = (), round_timeout: float = 600.0,
-                 poll_interval: float = 0.01, max_poll_interval: float = 0.1) -> None:
+                 poll_interval: float = 0.01, max_poll_interval: float = 0.1,
+                 vectors_in_replies: bool = True) -> None:
         # No SimulationContext: a deployed coordinator holds no client data.
         self.grid = grid
         self.nodes = nodes
@@ -66,6 +67,8 @@ class GridExecutor(Executor):
         self.round_timeout = round_timeout
         self.poll_interval = poll_interval
         self.max_poll_interval = max(poll_interval, max_poll_interval)
+        #: False under secure aggregation: replies carry no vectors, they come masked later
+        self.vectors_in_replies = vectors_in_replies
 
     # ------------------------------------------------------------------ messaging
     def _collect(self, sent: Mapping[str, int], timeout: float) -> dict[int, Message]:
@@ -139,7 +142,8 @@ class GridExecutor(Executor):
                 try:
                     result = decode_result(reply.content, client_id=cid,
                                            num_params=self.job.num_params,
-                                           aux_names=self.aux_names)
+                                           aux_names=self.aux_names,
+                                           with_vectors=self.vectors_in_replies)
                 except ProtocolError as exc:
                     log.warning("client %d sent a malformed reply: %s", cid, exc)
                     outcomes[cid] = ClientOutcome(cid, failure=f"malformed reply ({exc})")

@@ -64,7 +64,8 @@ class _RunnerHandle:
                     source = PartitionedData(npz["x"], npz["y"],
                                              [npz[f"p{i}"] for i in range(n)])
                 runner = TaskRunner(source, device=self.device, allowed_model_factories=None,
-                                    secret_noise_seeds=False)
+                                    secret_noise_seeds=False,
+                                    local_secure_aggregation=False)
                 _RUNNERS[self.data_path] = runner
             return runner
 

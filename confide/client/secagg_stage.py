@@ -1,0 +1,76 @@
+"""The client's side of secure aggregation in a deployment: ``query.secagg`` messages.
+
+The update of a client taking part in secure aggregation never leaves it in the clear: its
+``train`` reply carries counts and metrics only (:func:`confide.client.messages.encode_result`
+with ``include_vectors=False``), and this handler answers the coordinator's SecAgg+ requests
+(:mod:`confide.privacy.secagg.protocol`) with the masked contribution. The coordinator's side
+is :mod:`confide.server.secagg_transport`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from confide.exceptions import ProtocolError
+
+if TYPE_CHECKING:
+    from confide.client.flower_app import ClientSession
+
+__all__ = ["STAGE", "pack", "unpack", "handle_secagg_stage"]
+
+STAGE = "secagg"
+_KEY = "confide.secagg"
+
+
+def pack(data: bytes) -> RecordDict:
+    """Protocol bytes as a Flower record (a uint8 array; never pickled)."""
+    return RecordDict({_KEY: ArrayRecord({"bytes": Array(np.frombuffer(data, dtype=np.uint8))})})
+
+
+def unpack(content: RecordDict, what: str) -> bytes:
+    """The protocol bytes in ``content`` (ProtocolError if absent or not bytes)."""
+    try:
+        data = content.array_records[_KEY]["bytes"].numpy()
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ProtocolError(f"{what}: no secure-aggregation payload ({exc})") from None
+    if data.dtype != np.uint8 or data.ndim != 1:
+        raise ProtocolError(f"{what}: the secure-aggregation payload is not a byte array")
+    return data.tobytes()
+
+
+def handle_secagg_stage(content: RecordDict, session: ClientSession) -> RecordDict:
+    """A client's answer to one ``query.secagg`` request (its update stays here).
+
+    The round's :class:`SecAggClient` is made at the first stage of a round; its stochastic
+    rounding uses the same derived generator as the simulation, its keys and masks come from
+    the OS (never seeded).
+    """
+    from confide.privacy.secagg.aggregator import SecureAggregator
+    from confide.privacy.secagg.protocol import SecAggClient
+    from confide.seeding import derive_rng
+
+    stage = content.config_records["confide.stage"]
+    server_round = stage["server_round"]
+    if not isinstance(server_round, int) or session.config is None or session.job is None:
+        raise ProtocolError("secure aggregation before any training in this job")
+    if session.last_task is None or session.last_task.server_round != server_round \
+            or session.last_result is None:
+        raise ProtocolError(f"no update of round {server_round} to aggregate")
+    cid = session.last_task.client_id
+    state: dict[str, Any] = session.scratch.setdefault(STAGE, {})
+    if state.get("round") != server_round:
+        state.clear()
+        state["round"] = server_round
+        state["client"] = SecAggClient(cid, server_round=server_round, rng=derive_rng(
+            session.config.run.seed, "secagg-rounding", server_round, cid))
+        aggregator = SecureAggregator(session.config)
+        aux_names = sorted(session.last_result.aux)
+        weighting = str(session.scratch.get("weighting", "examples"))
+        state["contribution"] = aggregator._contribution(  # noqa: SLF001 - same rule as sim
+            session.last_result, weighting, aux_names)
+    request = unpack(content, "the coordinator's secure-aggregation request")
+    reply = state["client"].handle(request, state["contribution"])
+    return pack(reply)

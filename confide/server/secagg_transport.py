@@ -1,0 +1,91 @@
+"""Secure aggregation over Flower's Grid: SecAgg+ stages as ``query.secagg`` messages.
+
+In a deployment a client's update never reaches the coordinator in the clear: its ``train``
+reply carries counts and metrics only, and the update stays in the client's session. The
+coordinator's :class:`DeployedSecureAggregator` then runs the protocol of
+:mod:`confide.privacy.secagg` (the same stages and bytes as in simulation) through a
+:class:`GridMessagePath`: each request goes to the client's node as a ``query.secagg``
+message, whose handler (:func:`confide.client.secagg_stage.handle_secagg_stage`) answers
+it with a :class:`~confide.privacy.secagg.protocol.SecAggClient` built for that round and
+the client's own contribution. The coordinator learns only the sum (Bell et al. 2020).
+
+Requests and replies travel as byte arrays in an ``ArrayRecord`` (never pickled); a reply
+that is not well formed counts as a dropout, which the protocol tolerates up to its threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from flwr.app import RecordDict
+
+from confide.client.secagg_stage import STAGE, pack, unpack
+from confide.config import Config
+from confide.exceptions import ProtocolError
+from confide.privacy.secagg.aggregator import SecureAggregator
+from confide.privacy.secagg.protocol import Contribution, SecAggClient
+from confide.privacy.secagg.transport import MessagePath
+
+if TYPE_CHECKING:
+    from confide.server.flower_app import GridExecutor
+
+__all__ = ["GridMessagePath", "DeployedSecureAggregator"]
+
+log = logging.getLogger("confide")
+
+
+
+class GridMessagePath(MessagePath):
+    """One round's SecAgg+ stages over a :class:`GridExecutor`."""
+
+    def __init__(self, executor: GridExecutor, server_round: int) -> None:
+        self.executor = executor
+        self.server_round = server_round
+        #: seconds per client spent waiting for its replies (for the aggregator's report)
+        self.seconds: dict[int, float] = {}
+
+    def exchange(self, stage: str, requests: Mapping[int, bytes]) -> dict[int, bytes | None]:
+        """Send each request to its client's node; None where no valid reply came back."""
+        t0 = time.perf_counter()
+        replies = self.executor.exchange(STAGE, {cid: pack(req) for cid, req in
+                                                 requests.items()},
+                                         server_round=self.server_round)
+        elapsed = time.perf_counter() - t0
+        out: dict[int, bytes | None] = {}
+        for cid in requests:
+            reply = replies.get(cid)
+            self.seconds[cid] = self.seconds.get(cid, 0.0) + elapsed
+            if isinstance(reply, RecordDict):
+                try:
+                    out[cid] = unpack(reply, f"client {cid}'s {stage} reply")
+                    continue
+                except ProtocolError as exc:
+                    log.warning("%s", exc)
+            else:
+                log.info("secure aggregation, %s: client %d did not answer (%s)", stage, cid,
+                         reply)
+            out[cid] = None
+        return out
+
+
+class DeployedSecureAggregator(SecureAggregator):
+    """:class:`SecureAggregator` whose stages reach real clients through the Grid.
+
+    The client results it receives carry placeholder (zero) vectors of the right shape; the
+    contributions that are summed are built and masked on the clients.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.executor: GridExecutor | None = None
+
+    def message_path(self, clients: dict[int, SecAggClient],  # type: ignore[override]
+                     contributions: dict[int, Contribution], drop_after: dict[int, str],
+                     server_round: int) -> GridMessagePath:
+        """The Grid path (the in-process clients and contributions are not used)."""
+        if self.executor is None:
+            raise ProtocolError("the deployed secure aggregator has no Grid executor")
+        return GridMessagePath(self.executor, server_round)
