@@ -74,6 +74,7 @@ class InMemoryGrid(Grid):
         self.stage_index = 0
         self.gone: set[int] = set()
         self.client_seconds: dict[int, float] = {nid: 0.0 for nid in updates}
+        self.client_wall: dict[int, float] = {nid: 0.0 for nid in updates}
         self.bytes_up: dict[int, int] = {nid: 0 for nid in updates}
         self.bytes_down: dict[int, int] = {nid: 0 for nid in updates}
 
@@ -120,10 +121,11 @@ class InMemoryGrid(Grid):
                 return Message(compat.fitres_to_recorddict(fitres, keep_input=True),
                                reply_to=m)
 
-            t0 = time.perf_counter()
+            c0, w0 = time.process_time(), time.perf_counter()
             reply = secaggplus_mod(message_from_proto(proto), self.contexts[nid], fit)
             proto = message_to_proto(reply)
-            self.client_seconds[nid] += time.perf_counter() - t0
+            self.client_seconds[nid] += time.process_time() - c0
+            self.client_wall[nid] += time.perf_counter() - w0
             self.bytes_up[nid] += proto.ByteSize()
             replies.append(message_from_proto(proto))
             if self.drop_after.get(nid) == stage:
@@ -134,7 +136,8 @@ class InMemoryGrid(Grid):
 def run_flower_secaggplus(updates: dict[int, np.ndarray], num_examples: dict[int, int], *,
                           num_shares: int, threshold: int, drop_after: dict[int, str],
                           clipping_range: float = 8.0) -> dict[str, object]:
-    """One round of Flower's SecAgg+ over ``updates``; returns timings, bytes and the result."""
+    """One round of Flower's SecAgg+ over ``updates``; returns timings (CPU and wall), bytes
+    and the result."""
     # What Flower's runtime sets in a ServerApp process before messages are created.
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     grid = InMemoryGrid(updates, num_examples, drop_after)
@@ -156,15 +159,17 @@ def run_flower_secaggplus(updates: dict[int, np.ndarray], num_examples: dict[int
         {WorkflowKey.CURRENT_ROUND: 1})
     workflow = SecAggPlusWorkflow(num_shares=num_shares, reconstruction_threshold=threshold,
                                   clipping_range=clipping_range)
-    t0 = time.perf_counter()
+    c0, w0 = time.process_time(), time.perf_counter()
     workflow(grid, context)
-    total = time.perf_counter() - t0
+    total, wall = time.process_time() - c0, time.perf_counter() - w0
     client = sum(grid.client_seconds.values())
     arrays = context.state.array_records[MAIN_PARAMS_RECORD]
     result = compat.arrayrecord_to_parameters(arrays, keep_input=True)
     return {
         "client_seconds": grid.client_seconds,
         "coordinator_seconds": total - client,
+        "coordinator_wall_seconds": wall - sum(grid.client_wall.values()),
+        "client_wall": grid.client_wall,
         "bytes_up": grid.bytes_up,
         "bytes_down": grid.bytes_down,
         "result": result,

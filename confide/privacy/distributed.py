@@ -99,20 +99,18 @@ INTEGER_ORDERS: tuple[int, ...] = tuple(range(2, 257))
 # --------------------------------------------------------------------------- rotation
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """The unnormalised Walsh-Hadamard transform of the last dimension (a power of two)."""
-    n = x.shape[-1]
+def fwht(x: np.ndarray) -> np.ndarray:
+    """The unnormalised Walsh-Hadamard transform of a vector whose length is a power of two."""
+    n = x.shape[0]
     if n & (n - 1):
         raise ValueError(f"the Hadamard transform needs a power-of-two length, got {n}")
-    out = x.clone()
+    y = np.array(x, dtype=np.float64)
     h = 1
     while h < n:
-        view = out.view(*out.shape[:-1], n // (2 * h), 2, h)
-        a, b = view[..., 0, :].clone(), view[..., 1, :]
-        view[..., 0, :] += b
-        view[..., 1, :] = a - b
+        blocks = y.reshape(-1, 2, h)
+        y = np.stack((blocks[:, 0] + blocks[:, 1], blocks[:, 0] - blocks[:, 1]), axis=1)
         h *= 2
-    return out
+    return y.reshape(n)
 
 
 def padded_length(dim: int) -> int:
@@ -120,22 +118,21 @@ def padded_length(dim: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(dim, 1))))
 
 
-def rotation_signs(seed: int, length: int) -> torch.Tensor:
+def rotation_signs(seed: int, length: int) -> np.ndarray:
     """The public random diagonal ``D`` of a round (+-1), from the round's shared seed."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (length,), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
+    return np.random.default_rng(seed).integers(0, 2, size=length).astype(np.float64) * 2 - 1
 
 
-def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+def rotate(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
     """``H D [x, 0] / sqrt(d')`` (Kairouz et al. 2021, §4.2): orthonormal, norm-preserving."""
-    padded = torch.zeros(signs.shape[0], dtype=torch.float64)
-    padded[:x.shape[0]] = x.to(torch.float64)
+    padded = np.zeros(signs.shape[0], dtype=np.float64)
+    padded[:x.shape[0]] = x
     return fwht(padded * signs) / math.sqrt(signs.shape[0])
 
 
-def unrotate(y: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.Tensor:
+def unrotate(y: np.ndarray, signs: np.ndarray, dim: int) -> np.ndarray:
     """Inverse of :func:`rotate` (``H`` is symmetric and ``H H = d' I``), unpadded to ``dim``."""
-    return (signs * fwht(y.to(torch.float64)) / math.sqrt(signs.shape[0]))[:dim]
+    return (signs * fwht(y) / math.sqrt(signs.shape[0]))[:dim]
 
 
 # --------------------------------------------------------------------------- rounding
@@ -576,10 +573,10 @@ class DistributedDP(LedgeredPrivacy):
         # Clip in the update's own precision (l2_clip verifies the norm in float64; for
         # float64 input its verification can miss by a few ulps of a long sum), then rotate
         # in float64: the rotation is orthonormal and the rounding bound has ample slack.
-        clipped = l2_clip(flat.to(torch.float32), self.clip_norm).to(torch.float64)
+        clipped = l2_clip(flat.to(torch.float32), self.clip_norm).double().numpy()
         signs = rotation_signs(derive_seed(self.seed, "ddp-rotation", ctx.server_round),
                                self.padded)
-        scaled = (rotate(clipped, signs) / self.gamma).numpy()
+        scaled = rotate(clipped, signs) / self.gamma
         rng = np.random.default_rng(derive_seed(ctx.seed, "ddp-rounding-and-noise"))
         rounded = conditional_stochastic_round(scaled, self.delta_2, rng)
         noised = rounded + self.noise.sample(self.padded, rng)
@@ -603,9 +600,9 @@ class DistributedDP(LedgeredPrivacy):
         centred = np.where(words >= modulus // 2, words - modulus, words).astype(np.float64)
         signs = rotation_signs(derive_seed(self.seed, "ddp-rotation", server_round),
                                self.padded)
-        decoded = unrotate(torch.from_numpy(centred * self.gamma), signs, self.dim)
+        decoded = unrotate(centred * self.gamma, signs, self.dim)
         n = aggregate.count
-        aggregate.update_sum = decoded.to(torch.float32)
+        aggregate.update_sum = torch.from_numpy(decoded).to(torch.float32)
         aggregate.weight_sum = float(n)
         # McMahan et al. 2018, Alg. 1: the fixed denominator (expected cohort size).
         aggregate.denominator = self.expected_clients

@@ -249,21 +249,55 @@ def split_secret(secret: bytes, *, threshold: int, holders: Sequence[int]) -> di
     return shares
 
 
+def _batch_inverse(values: Sequence[int]) -> list[int]:
+    """Modular inverses of nonzero ``values`` with one exponentiation (Montgomery's trick)."""
+    p = FIELD_PRIME
+    prefix = [1]
+    for v in values:
+        prefix.append(prefix[-1] * v % p)
+    inv = pow(prefix[-1], -1, p)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = prefix[i] * inv % p
+        inv = inv * values[i] % p
+    return out
+
+
+class _Interpolant:
+    """The polynomial through ``points`` in barycentric form (evaluation in O(t))."""
+
+    def __init__(self, points: Sequence[tuple[int, int]]) -> None:
+        p = FIELD_PRIME
+        self.xs = [x % p for x, _ in points]
+        self.ys = [y % p for _, y in points]
+        if len(set(self.xs)) != len(self.xs):
+            raise ProtocolError("duplicate share coordinates")
+        dens = []
+        for j, xj in enumerate(self.xs):
+            d = 1
+            for m, xm in enumerate(self.xs):
+                if m != j:
+                    d = d * (xj - xm) % p
+            dens.append(d)
+        # barycentric weights times values: w_j y_j with w_j = 1 / prod_{m != j} (x_j - x_m)
+        self.wy = [w * y % p for w, y in zip(_batch_inverse(dens), self.ys, strict=True)]
+
+    def __call__(self, x: int) -> int:
+        p = FIELD_PRIME
+        x %= p
+        if x in self.xs:
+            return self.ys[self.xs.index(x)]
+        diffs = [(x - xj) % p for xj in self.xs]
+        whole = 1
+        for d in diffs:
+            whole = whole * d % p
+        total = sum(wy * inv for wy, inv in zip(self.wy, _batch_inverse(diffs), strict=True))
+        return whole * total % p
+
+
 def interpolate_at(points: Sequence[tuple[int, int]], x: int) -> int:
     """The value at ``x`` of the polynomial through ``points`` (Lagrange, over GF(p))."""
-    p = FIELD_PRIME
-    xs = [px for px, _ in points]
-    if len(set(xs)) != len(xs):
-        raise ProtocolError("duplicate share coordinates")
-    total = 0
-    for j, (xj, yj) in enumerate(points):
-        num, den = 1, 1
-        for m, xm in enumerate(xs):
-            if m != j:
-                num = num * (x - xm) % p
-                den = den * (xj - xm) % p
-        total = (total + yj * num * pow(den, -1, p)) % p
-    return total
+    return _Interpolant(points)(x)
 
 
 def reconstruct_secret(
@@ -293,13 +327,14 @@ def reconstruct_secret(
         candidates += [(points[:i] + points[i + 1:])[:threshold] for i in range(threshold)]
         candidates += [points[s:s + threshold] for s in range(1, m - threshold + 1)]
     for window in candidates:
-        value = interpolate_at(window, 0)
+        poly = _Interpolant(window)
+        value = poly(0)
         if value >= 1 << (8 * SEED_BYTES):
             continue
         secret = value.to_bytes(SEED_BYTES, "big")
         if not verify(secret):
             continue
-        wrong = [x - 1 for x, y in points if interpolate_at(window, x) != y]
+        wrong = [x - 1 for x, y in points if poly(x) != y]
         return secret, wrong
     raise ProtocolError(f"the {len(points)} shares are inconsistent: no {threshold} of them "
                         "reconstruct a secret that matches its commitment")
