@@ -268,3 +268,35 @@ def test_wrong_federation_client_folder_fails_with_one_line(setup, tmp_path):
             _connect(fleet, NodeOptions(connect_timeout=5))
     finally:
         fleet.client.close()
+
+
+def test_insecure_mode_still_authenticates_nodes(setup, tmp_path):
+    """--insecure: plain HTTP on the public port, clients identified by their node key."""
+    gw = Gateway(federation=setup["fed"], host="127.0.0.1", port=0,
+                 upstream=setup["link"].address, insecure=True, authority=setup["authority"])
+    gw.start()
+    try:
+        address = f"127.0.0.1:{gw.bound_port}"
+        enrol_online(coordinator=address, directory=tmp_path / "plain", insecure=True,
+                     token=setup["authority"].issue_token(name="plain"))
+        record = next(c for c in setup["authority"].registry.clients() if c.name == "plain")
+        setup["runtime"].register(record)
+        identity = load_identity(tmp_path / "plain")
+        fleet = _Fleet(identity, NodeOptions(insecure=True))
+        try:
+            assert fleet.activate() != 0
+        finally:
+            fleet.deactivate()
+            fleet.client.close()
+        stranger = load_identity(tmp_path / "plain")
+        stranger.key = ec.generate_private_key(ec.SECP256R1())  # not an enrolled key
+        fleet = _Fleet(stranger, NodeOptions(insecure=True))
+        try:
+            with pytest.raises(_Refused, match="not enrolled"):
+                fleet.activate()
+        finally:
+            fleet.client.close()
+        res = httpx.post(f"http://{address}/v1/control/start-run", content=b"")
+        assert res.status_code == 404
+    finally:
+        gw.stop()
