@@ -190,8 +190,9 @@ class SecAggClient:
     # -- stage 1
     def advertise_keys(self, message: bytes) -> bytes:
         """SETUP -> ADVERTISE_KEYS: fresh key pairs for this round."""
-        if self._next != MessageKind.SETUP:
-            raise ProtocolError(f"client {self.client_id}: a second SETUP in one round")
+        if self._next != MessageKind.SETUP or self._done:
+            raise ProtocolError(f"client {self.client_id}: a second SETUP in one round (a "
+                                "SecAggClient serves one round)")
         header = decode_header(message)
         if self.expected_round is not None and header.server_round != self.expected_round:
             raise ProtocolError(f"client {self.client_id}: SETUP for round "

@@ -25,7 +25,7 @@ from confide.privacy.secagg.wire import (
 # --------------------------------------------------------------------------- exact sums
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(4, 24), dim=st.integers(1, 40), num_aux=st.integers(0, 2),
        fraction=st.sampled_from([0.0, 0.1, 0.3]),
        stage=st.sampled_from(["advertise_keys", "share_keys", "masked_input"]),
@@ -253,6 +253,18 @@ def test_setup_with_a_threshold_below_two_is_refused():
     cid = rnd.server.cohort[0]
     with pytest.raises(ProtocolError, match="unacceptable SETUP.*threshold 1"):
         rnd.clients[cid].advertise_keys(requests[cid])
+
+
+def test_a_client_serves_one_round_only():
+    rnd = make_round(5, 4, dropout=0.0)
+    requests = _drive_to_unmask(rnd)
+    cid = rnd.server.cohort[0]
+    rnd.clients[cid].unmask(requests[cid])
+    with pytest.raises(ProtocolError, match="no round in progress|expected a"):
+        rnd.clients[cid].unmask(requests[cid])
+    fresh = make_round(5, 4, dropout=0.0, ids=rnd.server.cohort, server_round=1)
+    with pytest.raises(ProtocolError, match="second SETUP"):
+        rnd.clients[cid].advertise_keys(fresh.server.advertise_keys()[cid])
 
 
 def test_a_client_that_refuses_is_treated_as_dropped():
