@@ -50,6 +50,8 @@ ERROR_DROPPED = 1001
 ERROR_REFUSED = 1002
 
 StageHandler = Callable[[RecordDict, "ClientSession"], RecordDict]
+#: privacy modes whose noise is drawn on the client from the task's seed
+_CLIENT_NOISE_MODES = ("dp-sgd", "distributed")
 _STAGES: dict[str, StageHandler] = {}
 
 
@@ -171,9 +173,10 @@ class TaskRunner:
         built = self._build(job)
         x, y = self._tensors(job, task.client_id, built.device)
         session = self.session(task.client_id)
-        if self.secret_noise_seeds and built.config.privacy.mode == "dp-sgd":
-            # The task seed comes from the coordinator; DP-SGD noise drawn from it could be
-            # subtracted by the coordinator (confide.privacy.dpsgd, "Randomness").
+        if self.secret_noise_seeds and built.config.privacy.mode in _CLIENT_NOISE_MODES:
+            # The task seed comes from the coordinator; noise drawn from it (DP-SGD, or
+            # distributed DP's discrete noise) could be subtracted by the coordinator
+            # (confide.privacy.dpsgd, "Randomness"). Only this client knows this seed.
             task.seed = secrets.randbits(63)
         session.job, session.config, session.last_task = job, built.config, task
         session.last_result = None

@@ -64,6 +64,8 @@ __all__ = ["DeployOptions", "run_deployment", "SuperLinkProcess", "free_port",
 
 log = logging.getLogger("confide")
 
+#: The run's app bundle. Flower requires one to start a run; its components are names only:
+#: the coordinator runs Confide's ServerApp in process, and clients never load code from it.
 _FAB_PYPROJECT = """[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -505,11 +507,14 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
     model = model_factory()
     params = get_flat_params(model).cpu()
     privacy = build_round_privacy(config, num_clients=n, dataset_size=evaluation.dataset_size)
-    if hasattr(privacy, "seed"):
-        # Central DP noise: in simulation it is seeded from run.seed so runs repeat; here that
-        # would let anyone who knows the job file subtract the noise. The seed comes from the
-        # OS CSPRNG and is never stored (confide.privacy.mechanisms, "Randomness").
-        privacy.seed = secrets.randbits(63)
+    if config.privacy.mode == "central":
+        from confide.privacy.central import CentralDP
+
+        if isinstance(privacy, CentralDP):
+            # Central DP noise: in simulation it is seeded from run.seed so runs repeat; here
+            # that would let anyone who knows the job file subtract the noise. The seed comes
+            # from the OS CSPRNG and is never stored (confide.privacy.mechanisms, "Randomness").
+            privacy.seed = secrets.randbits(63)
     if config.secure_aggregation.enabled:
         from confide.server.secagg_transport import DeployedSecureAggregator
 
