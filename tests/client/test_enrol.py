@@ -137,3 +137,25 @@ def test_mixed_federation_files_are_detected(coordinator, tmp_path):
     (tmp_path / "c" / "ca.pem").write_bytes(other_ca)
     with pytest.raises(SecurityError, match="different federations"):
         load_identity(tmp_path / "c")
+
+
+def test_expired_token_refused_by_the_coordinator(coordinator, tmp_path):
+    import datetime as dt
+    import time
+
+    authority, address = coordinator
+    token = authority.issue_token(expires=dt.timedelta(seconds=1))
+    time.sleep(1.5)
+    with pytest.raises(SecurityError, match="expired"):
+        enrol_online(coordinator=address, token=token, directory=tmp_path / "late")
+    assert not (tmp_path / "late").exists()
+    assert authority.registry.clients() == []
+
+
+def test_forged_token_refused_by_the_coordinator(coordinator, tmp_path):
+    authority, address = coordinator
+    prefix, tid, mac, pin = authority.issue_token().split(".")
+    forged = ".".join([prefix, tid, ("B" if mac[0] != "B" else "C") + mac[1:], pin])
+    with pytest.raises(SecurityError, match="forged"):
+        enrol_online(coordinator=address, token=forged, directory=tmp_path / "f")
+    assert authority.registry.clients() == []
