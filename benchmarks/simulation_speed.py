@@ -148,6 +148,7 @@ def variants(device: str, include_compile: bool, world_size: int) -> list[tuple[
     vec = ["simulation.executor='vectorized'"]
     out.append(("vectorized", vec))
     if device.startswith("cuda"):
+        out.append(("vectorized + CUDA graphs", [*vec, "simulation.compile='cuda-graphs'"]))
         out.append(("vectorized bf16", [*vec, "simulation.mixed_precision='bf16'"]))
         bf16 = [*vec, "simulation.mixed_precision='bf16'"]
         out.append(("vectorized bf16 + CUDA graphs", [*bf16, "simulation.compile='cuda-graphs'"]))
