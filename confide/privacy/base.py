@@ -7,7 +7,7 @@ classes; the coordinator calls the same hooks whatever the mode.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from confide.client.pipeline import UpdateStage
 from confide.client.trainer import LocalTrainer
 
 if TYPE_CHECKING:
+    from confide.client.round import ClientResult
     from confide.server.aggregation import Aggregate
 
 __all__ = ["RoundPrivacy"]
@@ -41,6 +42,11 @@ class RoundPrivacy:
     def attach_run_dir(self, run_dir: Path) -> None:
         """Before the first round (after ``load_state_dict`` on resume): the run folder,
         where a DP mode keeps (and reconciles) its privacy ledger.
+        """
+
+    def observe_results(self, results: Sequence[ClientResult], server_round: int) -> None:
+        """After step 4: what the clients reported (DP-SGD clients report their privacy
+        events in ``ClientResult.info``, in simulation and deployment alike).
         """
 
     def check_budget(self, server_round: int, num_sampled_expected: int) -> None:

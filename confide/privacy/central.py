@@ -49,6 +49,10 @@ __all__ = ["CentralDP"]
 
 log = logging.getLogger("confide")
 
+#: executors whose clients run this very object's client stage (adaptive clipping reads the
+#: round's clip norm from it and appends the clipped-count bit to the update)
+IN_PROCESS_EXECUTORS = ("sequential", "vectorized")
+
 
 class CentralDP(LedgeredPrivacy):
     """DP-FedAvg with fixed or adaptive clipping and central Gaussian noise."""
@@ -116,6 +120,12 @@ class CentralDP(LedgeredPrivacy):
                          "%.3f > privacy.target_epsilon = %g; the run will stop before "
                          "exceeding it", config.run.rounds, z, eps_full, p.target_epsilon)
         adaptive = None
+        if p.adaptive_clipping and config.simulation.executor not in IN_PROCESS_EXECUTORS:
+            raise ConfigError(
+                "privacy.adaptive_clipping runs with the in-process executors ("
+                + ", ".join(IN_PROCESS_EXECUTORS) + f") only, not {config.simulation.executor!r}: "
+                "clients must receive each round's clip norm and return their clipped-count "
+                "bit with the update; use fixed clipping there")
         if p.adaptive_clipping:
             adaptive = AdaptiveClipping(clip_norm=p.clip_norm, target_quantile=p.target_quantile,
                                         learning_rate=p.clip_learning_rate,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,11 +51,15 @@ from confide.seeding import derive_seed
 from confide.strategies.base import ClientRule
 
 if TYPE_CHECKING:
+    from confide.client.round import ClientResult
     from confide.config import Config
 
 __all__ = ["DPSGDTrainer", "DPSGDPrivacy", "check_model_for_dp_sgd", "client_key"]
 
 log = logging.getLogger("confide")
+
+#: ``ClientResult.info`` keys of a client's DP-SGD event (scalars: they travel over Flower)
+INFO_NOISE, INFO_RATE, INFO_STEPS = "dp_noise_multiplier", "dp_sample_rate", "dp_steps"
 
 
 def client_key(client_id: int) -> str:
@@ -214,8 +218,11 @@ class DPSGDTrainer(LocalTrainer):
 class DPSGDPrivacy(LedgeredPrivacy):
     """Round hooks for ``privacy.mode = 'dp-sgd'``: the Opacus trainer and per-client accounts.
 
-    The client stage attributes the event of the ``fit`` that just ran to the task's client
-    (trainer and pipeline run back to back on the client), so accounts are per client.
+    Client side: the trainer reports the event Opacus accounted for its ``fit``; the client
+    stage that runs right after it (same client, same process) puts that event into
+    ``ClientResult.info`` as scalars (``dp_noise_multiplier``, ``dp_sample_rate``,
+    ``dp_steps``), which travel with the result in simulation and deployment alike.
+    Server side: :meth:`observe_results` charges each reported event to that client's account.
     """
 
     def __init__(self, *, noise_multiplier: float | None, clip_norm: float, delta: float,
@@ -244,10 +251,6 @@ class DPSGDPrivacy(LedgeredPrivacy):
         if p.adaptive_clipping:
             raise ConfigError("privacy.adaptive_clipping applies to client-level DP "
                               "(privacy.mode = 'central'), not to DP-SGD")
-        if config.simulation.executor != "sequential":
-            raise ConfigError(f"privacy.mode = 'dp-sgd' runs Opacus per client and needs "
-                              f"simulation.executor = 'sequential' (got "
-                              f"{config.simulation.executor!r})")
         return cls(noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm, delta=p.delta,
                    accountant=p.accountant, target_epsilon=p.target_epsilon,
                    planned_rounds=config.run.rounds)
@@ -267,17 +270,33 @@ class DPSGDPrivacy(LedgeredPrivacy):
         return [self.attribute_fit]
 
     def attribute_fit(self, update: torch.Tensor, ctx: StageContext) -> torch.Tensor:
-        """Charge the ``fit`` that just ran to ``ctx.client_id``'s account."""
+        """Report the event of the ``fit`` that just ran with this client's result."""
         event, self._fit_event = self._fit_event, None
         if event is None:
-            raise PrivacyError(f"DP-SGD accounting: client {ctx.client_id} reported an update "
-                               "without a DP-SGD training event (is the executor sequential?)")
-        self.stage_event(client_key(ctx.client_id), event)
-        ctx.info["dp_sgd"] = {"noise_multiplier": event[0], "sample_rate": event[1],
-                              "steps": event[2]}
+            raise PrivacyError(f"DP-SGD accounting: client {ctx.client_id} produced an update "
+                               "without a DP-SGD training event")
+        ctx.info.update({INFO_NOISE: float(event[0]), INFO_RATE: float(event[1]),
+                         INFO_STEPS: int(event[2])})
         return update
 
     # ------------------------------------------------------------------ server side
+    def observe_results(self, results: Sequence[ClientResult], server_round: int) -> None:
+        """Charge each client's reported DP-SGD event to its account (recorded at step 8)."""
+        for r in results:
+            try:
+                z = float(r.info[INFO_NOISE])
+                q = float(r.info[INFO_RATE])
+                steps = r.info[INFO_STEPS]
+            except (KeyError, TypeError, ValueError):
+                raise PrivacyError(f"round {server_round}: client {r.client_id} reported no "
+                                   "DP-SGD privacy event; its update cannot be accounted"
+                                   ) from None
+            if not (math.isfinite(z) and z > 0 and 0 < q <= 1) or int(steps) != steps or \
+                    steps < 1:
+                raise PrivacyError(f"round {server_round}: client {r.client_id} reported an "
+                                   f"invalid DP-SGD event (z={z}, q={q}, steps={steps})")
+            self.stage_event(client_key(r.client_id), (z, q, int(steps)))
+
     def planned_events(self, server_round: int, num_sampled_expected: int
                        ) -> dict[str, PrivacyEvent]:
         """Each client that trained before is assumed to repeat its last round's event."""

@@ -91,6 +91,7 @@ class Coordinator:
         outcomes = self.executor.run_clients(tasks)
         t_train = time.perf_counter() - t_train
         results = self._accept(outcomes, rnd, len(cohort))
+        self.privacy.observe_results(results, rnd)  # e.g. each client's DP-SGD privacy event
 
         # 5. Aggregate: the coordinator learns only the sum (secure aggregation when enabled).
         aggregate: Aggregate = self.aggregator.aggregate(

@@ -132,3 +132,9 @@ def test_client_stage_clips_every_update(values, clip_norm):
     out = privacy.clip_update(torch.tensor(values, dtype=torch.float32),
                               StageContext(server_round=1, client_id=0, seed=0))
     assert float(torch.linalg.vector_norm(out.double())) <= clip_norm
+
+
+def test_adaptive_clipping_needs_an_in_process_executor():
+    with pytest.raises(ConfigError, match="in-process executors"):
+        _privacy("privacy.noise_multiplier=1.0", "privacy.adaptive_clipping=true",
+                 "simulation.executor='flower'")

@@ -8,6 +8,7 @@ from dp_test_models import batchnorm_mlp
 from torch import nn
 
 from confide.client.pipeline import ClientPipeline, StageContext
+from confide.client.round import ClientResult
 from confide.client.trainer import TrainSettings
 from confide.config import load_config
 from confide.exceptions import ConfigError, PrivacyBudgetExceeded, PrivacyError
@@ -117,12 +118,18 @@ def test_per_client_accounts_through_the_pipeline():
     w0 = get_flat_params(trainer.model)
     for rnd in (1, 2):
         privacy.check_budget(rnd, 2)
+        results = []
         for cid, n in ((0, 40), (1, 16)):
             x, y = _data(n=n, seed=cid)
             out = trainer.fit(x, y, w0, SETTINGS, seed=rnd)
             ctx = StageContext(server_round=rnd, client_id=cid, seed=rnd)
-            pipeline(out.update, ctx)
-            assert ctx.info["dp_sgd"]["steps"] == out.num_steps
+            update = pipeline(out.update, ctx)
+            assert ctx.info["dp_steps"] == out.num_steps
+            # info holds scalars only: it is what travels back over Flower
+            assert all(isinstance(v, int | float) for v in ctx.info.values())
+            results.append(ClientResult(client_id=cid, update=update, num_examples=n,
+                                        num_steps=out.num_steps, info=ctx.info))
+        privacy.observe_results(results, rnd)
         privacy.account(rnd, None)
     eps = privacy.client_epsilons()
     assert eps[0] == pytest.approx(compute_epsilon(noise_multiplier=1.0, sample_rate=1 / 5,
@@ -133,14 +140,16 @@ def test_per_client_accounts_through_the_pipeline():
     # an update without a DP-SGD fit before it cannot be attributed
     with pytest.raises(PrivacyError, match="without a DP-SGD training event"):
         pipeline(torch.zeros(3), StageContext(server_round=3, client_id=0, seed=0))
+    # a result that reports no event (or a bogus one) is refused, not counted as free
+    bare = ClientResult(client_id=5, update=torch.zeros(3), num_examples=1, num_steps=1)
+    with pytest.raises(PrivacyError, match="reported no DP-SGD privacy event"):
+        privacy.observe_results([bare], 3)
+    bare.info = {"dp_noise_multiplier": 1.0, "dp_sample_rate": 2.0, "dp_steps": 3}
+    with pytest.raises(PrivacyError, match="invalid DP-SGD event"):
+        privacy.observe_results([bare], 3)
 
 
-def test_dp_sgd_needs_noise_or_target_and_the_sequential_executor():
+def test_dp_sgd_needs_noise_or_target():
     with pytest.raises(ConfigError, match="needs privacy.noise_multiplier or"):
         build_round_privacy(load_config(None, ["privacy.mode='dp-sgd'"]), num_clients=20,
                             dataset_size=100)
-    with pytest.raises(ConfigError, match="sequential"):
-        build_round_privacy(load_config(None, ["privacy.mode='dp-sgd'",
-                                               "privacy.noise_multiplier=1.0",
-                                               "simulation.executor='vectorized'"]),
-                            num_clients=20, dataset_size=100)
