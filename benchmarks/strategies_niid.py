@@ -99,8 +99,16 @@ def run_one(strategy: str, options: dict[str, Any], base: list[str]) -> dict[str
     overrides = [*base, f"strategy.name={_toml(strategy)}",
                  *(f"strategy.{k}={_toml(v)}" for k, v in options.items())]
     start = time.perf_counter()
+
+    def progress(record: dict[str, Any]) -> None:
+        acc = record["test_accuracy"]
+        print(f"  {strategy} round {record['round']}: test accuracy "
+              f"{'-' if acc is None else f'{acc:.4f}'} ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
-        _, history = run_simulation(CONFIG, overrides=overrides, output=Path(tmp) / "run")
+        _, history = run_simulation(CONFIG, overrides=overrides, output=Path(tmp) / "run",
+                                    on_round_end=progress)
     seconds = time.perf_counter() - start
     s = summarize(history)
     acc = [r["test_accuracy"] for r in history]
