@@ -55,9 +55,9 @@ def effective_local_steps(num_steps: int, momentum: float) -> float:
 
     With a constant gradient g, SGD with momentum β moves ``lr * g * a`` in K steps, where
     ``a = sum_{k=1..K} (1 - β^k) / (1 - β) = (K - β (1 - β^K) / (1 - β)) / (1 - β)``
-    (Wang et al., "Tackling the Objective Inconsistency Problem in Heterogeneous Federated
-    Optimization", NeurIPS 2020, Sec. 4 / App. on momentum: the ``||a_i||_1`` of FedNova).
-    It is K for β = 0.
+    (the ``||a_i||_1`` that FedNova derives for local momentum SGD: Wang et al., "Tackling
+    the Objective Inconsistency Problem in Heterogeneous Federated Optimization", NeurIPS
+    2020). It is K for β = 0; a test checks it against ``torch.optim.SGD``.
     """
     if momentum <= 0.0:
         return float(num_steps)
