@@ -198,6 +198,7 @@ def run_variant(label: str, overrides: list[str], device: torch.device, flops: f
     evaluator, coord.evaluator = coord.evaluator, None
     rounds_wall = []
     t_start = time.perf_counter()
+    coord.strategy.initialize(coord.params)  # what Coordinator.run does before round 1
     try:
         for rnd in range(1, cfg.run.rounds + 1):
             t = time.perf_counter()
@@ -359,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         args.clients = min(args.clients, 20)
         args.femnist_cohort = min(args.femnist_cohort, 4)
         args.rounds = min(args.rounds, 2)
+    # INFO: the vectorized executor logs its chunk sizes, conv lowering and any fallback
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("confide").setLevel(logging.WARNING)
     device = torch.device(args.device)
     out = Path(args.out) if args.out else RESULTS / (
         "simulation_speed_quick" if args.quick else "simulation_speed")
