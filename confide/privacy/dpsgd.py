@@ -286,13 +286,13 @@ class DPSGDPrivacy(LedgeredPrivacy):
             try:
                 z = float(r.info[INFO_NOISE])
                 q = float(r.info[INFO_RATE])
-                steps = r.info[INFO_STEPS]
+                steps = float(r.info[INFO_STEPS])
             except (KeyError, TypeError, ValueError):
                 raise PrivacyError(f"round {server_round}: client {r.client_id} reported no "
                                    "DP-SGD privacy event; its update cannot be accounted"
                                    ) from None
-            if not (math.isfinite(z) and z > 0 and 0 < q <= 1) or int(steps) != steps or \
-                    steps < 1:
+            if not (math.isfinite(z) and z > 0 and 0 < q <= 1 and steps >= 1
+                    and steps.is_integer()):
                 raise PrivacyError(f"round {server_round}: client {r.client_id} reported an "
                                    f"invalid DP-SGD event (z={z}, q={q}, steps={steps})")
             self.stage_event(client_key(r.client_id), (z, q, int(steps)))
