@@ -15,7 +15,8 @@ One process owns the whole coordinator side:
    :class:`~confide.server.flower_app.GridExecutor`, round after round, then a ``finish``
    message to the clients and the task's final status.
 
-Clients take part in enrolment order as client ids ``0 .. data.num_clients - 1``. The
+The first ``data.num_clients`` enrolled clients take part, as client ids ``0 .. n - 1`` in the
+order of their names (so a client's id, seed and cohort do not depend on who enrolled first). The
 coordinator re-reads the registry before every round: a revoked client is unregistered from
 the SuperLink, refused by the gateway and left out of the round.
 """
@@ -357,6 +358,16 @@ class _EnrolledClients(NodeDirectory):
                     self.node_ids[record.name] = self.runtime.register(record)
                     self.records.append(record)
 
+    def freeze(self) -> None:
+        """Fix the population for the job: client ids follow the clients' names, sorted.
+
+        Names, not enrolment times: clients that enrol at the same moment would otherwise get
+        ids (and so seeds and cohorts) that depend on a race.
+        """
+        with self._lock:
+            self.records.sort(key=lambda r: r.name)
+            self.size = len(self.records)
+
     def refresh(self) -> None:  # noqa: D102
         current = {c.name: c for c in self.authority.registry.clients()}
         for record in self.records:
@@ -628,8 +639,10 @@ def _wait_for_clients(directory: _EnrolledClients, n: int, min_clients: int,
         directory.admit()
         connected = directory.connected()
         if connected >= n:
+            directory.freeze()
             return
         time.sleep(0.1)
+    directory.freeze()
     if connected < min_clients:
         raise RoundFailedError(f"only {connected} of {n} clients connected within {wait_s:g} s "
                                f"(cohort.min_clients = {min_clients}); enrol and start the "
