@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -250,11 +249,10 @@ def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions 
     heartbeat.start()
     contexts: dict[int, Any] = {}
     served = 0
-    stop = threading.Event()
     lost_since: float | None = None
     interval = options.poll_interval
     try:
-        while not stop.is_set():
+        while True:
             if fleet.refused is not None:
                 raise _Refused(fleet.refused)
             try:
@@ -272,6 +270,11 @@ def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions 
                                        f"{options.reconnect_timeout:g} s ({exc})") from None
                 time.sleep(0.5)
                 continue
+            except ConfideError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. Flower's ObjectPullError
+                log.warning("could not receive a message (%s); waiting for the next", exc)
+                continue
             if message is None:
                 time.sleep(interval)
                 interval = min(interval * 1.5, max(options.poll_interval,
@@ -288,7 +291,18 @@ def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions 
             except Exception as exc:  # noqa: BLE001 - reported to the coordinator
                 log.error("the ClientApp failed: %s", exc)
                 reply = Message(Error(code=0, reason=str(exc)[:500]), reply_to=message)
-            fleet.push(reply, time.monotonic() - started)
+            try:
+                fleet.push(reply, time.monotonic() - started)
+            except _Refused:
+                raise
+            except (httpx.HTTPError, OSError) as exc:
+                tls = _tls_failure(exc)
+                if tls is not None:
+                    raise SecurityError(tls) from None
+                log.warning("could not send a reply (%s); the coordinator will count this "
+                            "client as dropped for it", exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. Flower's ObjectPushError
+                log.warning("could not send a reply (%s)", exc)
             if message.metadata.message_type == "train":
                 served += 1
                 log.info("round %s done", message.metadata.group_id)

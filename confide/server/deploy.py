@@ -612,6 +612,9 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
         except ConfideError as exc:
             details = str(exc)
             raise
+        except httpx.HTTPError as exc:
+            details = f"the coordinator's Flower runtime failed: {exc}"
+            raise ConfideError(f"{details}; see {run_dir / 'superlink.log'}") from None
         finally:
             if runtime is not None:
                 runtime.finish_run(ok=ok, details=details)
