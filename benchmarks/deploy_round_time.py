@@ -8,7 +8,10 @@ TLS with node authentication, exactly as a deployment does. Variants, side by si
   work, backing off to 100 ms when idle; objects pulled with a 10 ms back-off);
 * ``flower-polling``: the same processes polling like Flower's own loops (every 3 s on both
   sides: ``flower-supernode`` sleeps 3 s between empty pulls, ``Grid.send_and_receive`` 3 s);
-* ``sequential simulation``: the same job in one process (the baseline the ratio uses).
+* ``sequential simulation``: the same job in one process (the baseline the ratio uses);
+* ``fresh ClientApp process``: starting a Python process that imports torch and Confide's
+  ClientApp, which Flower's default isolation (a ClientApp process per message) pays for
+  every message on every client.
 
 Round 1 includes each client building the job (imports, model) and is reported apart.
 The machine is shared: the load average before and after each variant is recorded.
@@ -155,6 +158,17 @@ def simulated(rounds: int, *, threads: int) -> dict[str, object]:
             "final_accuracy": sim.coordinator.history[-1]["test_accuracy"]}
 
 
+def fresh_process_seconds(repeats: int = 3) -> float:
+    """Median wall time to start a process that imports the ClientApp's dependencies."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch, flwr.clientapp, "
+                        "confide.client.flower_app"], check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
@@ -180,6 +194,9 @@ def main() -> None:
     run("confide", deployed, poll=0.01, max_poll=0.1, threads=args.threads)
     if not args.skip_flower_polling:
         run("flower-polling", deployed, poll=3.0, max_poll=3.0, threads=args.threads)
+    spawn = fresh_process_seconds()
+    print(f"{'fresh ClientApp process':>24}: {spawn:.2f} s to start (per message under "
+          "Flower's default isolation)", flush=True)
     base = variants["sequential simulation"]["median_later_round_s"]
     for v in variants.values():
         v["ratio_to_simulation"] = v["median_later_round_s"] / base  # type: ignore[operator]
@@ -187,7 +204,8 @@ def main() -> None:
     out = args.out / "deploy_round_time.json"
     out.write_text(json.dumps({"rounds": args.rounds, "clients": 3, "model": "mlp 64-128-10",
                                "threads_per_client": args.threads, "cpus": os.cpu_count(),
-                               "variants": variants}, indent=2))
+                               "fresh_clientapp_process_s": spawn, "variants": variants},
+                              indent=2))
     print(f"target < 2 s per round: confide later rounds "
           f"{variants['confide']['median_later_round_s']:.3f} s; written to {out}")
 
