@@ -652,7 +652,6 @@ class _Clock:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.start = time.perf_counter()
         self.laps: list[tuple[Any, Any]] = []
         self._mark = self._event()
 
@@ -673,6 +672,8 @@ class _Clock:
         """Total training time (call after the device has synchronised)."""
         if not self.cuda:
             return sum(b - a for a, b in self.laps)
+        for _, end in self.laps:
+            end.synchronize()
         return sum(a.elapsed_time(b) for a, b in self.laps) / 1e3
 
 
@@ -1312,6 +1313,8 @@ class _RankPool:
                     f"cuda:{first}, but {torch.cuda.device_count()} are visible")
             devices = [f"cuda:{first + r}" for r in range(world_size)]
             backend = "nccl"
+            torch.cuda.set_device(first)  # NCCL talks through the current device
+            device = torch.device(devices[0])
         else:
             devices = ["cpu"] * world_size
             backend = "gloo"
