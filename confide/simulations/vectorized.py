@@ -712,6 +712,13 @@ class CohortTrainer:
         #: seconds the device spent training in the last :meth:`train` (copies excluded)
         self.last_compute_s = 0.0
 
+    def _h2d(self, values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """A small host list on the device without a host synchronisation (pinned, async)."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     # ------------------------------------------------------------------ per-client loss
     def _client_loss(self, params: dict[str, torch.Tensor], consts: dict[str, torch.Tensor],
                      xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor
@@ -879,7 +886,7 @@ class CohortTrainer:
         opt = [{n: torch.zeros_like(w) for n, w in weights.items()} for _ in range(n_opt)]
         mu = None
         if any(j.proximal_mu for j in jobs):
-            mu = torch.tensor([j.proximal_mu for j in jobs], dtype=self.dtype, device=self.device)
+            mu = self._h2d([j.proximal_mu for j in jobs], self.dtype)
         correction = None
         if corrections is not None:
             rows = corrections.to(self.device, self.dtype, non_blocking=True)
@@ -895,9 +902,8 @@ class CohortTrainer:
             state.noise_generators = [
                 torch.Generator(device=self.device).manual_seed(
                     derive_seed(j.seed, "dp-sgd-noise")) for j in jobs]
-            state.expected_batch_size = torch.tensor(
-                [float(j.expected_batch_size) for j in jobs], dtype=self.dtype,
-                device=self.device)
+            state.expected_batch_size = self._h2d(
+                [float(j.expected_batch_size) for j in jobs], self.dtype)
         return state
 
     def _flat_updates(self, state: _ChunkState, global_flat: torch.Tensor) -> torch.Tensor:
@@ -972,7 +978,7 @@ class CohortTrainer:
             for buf in group.values():
                 buf.zero_()
         if state.mu is not None:
-            state.mu.copy_(torch.tensor([j.proximal_mu for j in jobs], dtype=self.dtype))
+            state.mu.copy_(self._h2d([j.proximal_mu for j in jobs], self.dtype))
         if static.corrections is not None and corrections is not None:
             static.corrections.copy_(corrections)
         state.loss_sum.zero_()
@@ -1020,7 +1026,7 @@ class CohortTrainer:
         c = state.loss_sum.shape[0]
         steps = len(sched.active)
         masked = static.key[3]
-        lengths = torch.tensor(sched.active, device=self.device)
+        lengths = self._h2d(sched.active, torch.int64)
         active_at = torch.arange(c, device=self.device)[None, :] < lengths[:, None]  # [S, C]
 
         def load(t: int) -> None:
