@@ -48,7 +48,6 @@ COMMON = [
     "client.batch_size=16",
     "client.lr=0.05",
     "client.momentum=0.0",
-    "client.device='cpu'",
     "strategy.name='fedavg'",
 ]
 DP = [
@@ -91,13 +90,15 @@ def main() -> None:
     ap.add_argument("--model", default="mlp")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="client.device (cpu, cuda, auto)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest for these tiny models on a shared CPU)")
     ap.add_argument("--quick", action="store_true", help="write the -quick result files")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = [*COMMON, f"model.name='{args.model}'", f"run.rounds={args.rounds}",
-            f"run.eval_every={args.eval_every}", f"run.seed={args.seed}"]
+            f"run.eval_every={args.eval_every}", f"run.seed={args.seed}",
+            f"client.device='{args.device}'"]
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run("no-dp", base, Path(tmp)), run("dp-fedavg-eps8", [*base, *DP], Path(tmp))]
     no_dp, dp = rows
@@ -108,7 +109,7 @@ def main() -> None:
                     "target_epsilon": 8.0, "delta": 1e-5, "seed": args.seed,
                     "overrides_common": base, "overrides_dp": DP},
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": args.threads},
+                    "threads": args.threads, "device": args.device},
         "runs": rows,
         "accuracy_ratio_dp_over_no_dp": (dp["final_accuracy"] / no_dp["final_accuracy"]
                                          if no_dp["final_accuracy"] else None),
