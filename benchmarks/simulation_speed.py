@@ -146,10 +146,11 @@ def flops_per_sample(model_name: str, data: Path, batch: int, device: torch.devi
 def variants(device: str, include_compile: bool, world_size: int) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = [("sequential", ["simulation.executor='sequential'"])]
     vec = ["simulation.executor='vectorized'"]
-    out.append(("vectorized", vec))
+    eager = [*vec, "simulation.compile='off'"]
+    out.append(("vectorized", eager))
     if device.startswith("cuda"):
         out.append(("vectorized + CUDA graphs", [*vec, "simulation.compile='cuda-graphs'"]))
-        out.append(("vectorized bf16", [*vec, "simulation.mixed_precision='bf16'"]))
+        out.append(("vectorized bf16", [*eager, "simulation.mixed_precision='bf16'"]))
         bf16 = [*vec, "simulation.mixed_precision='bf16'"]
         out.append(("vectorized bf16 + CUDA graphs", [*bf16, "simulation.compile='cuda-graphs'"]))
         if include_compile:
@@ -157,7 +158,11 @@ def variants(device: str, include_compile: bool, world_size: int) -> list[tuple[
                         [*bf16, "simulation.compile='torch-compile'"]))
     if world_size > 1:
         out.append((f"vectorized x{world_size} ranks",
-                    [*vec, f"simulation.world_size={world_size}"]))
+                    [*eager, f"simulation.world_size={world_size}"]))
+        if device.startswith("cuda"):
+            out.append((f"vectorized bf16 + CUDA graphs x{world_size} ranks",
+                        [*bf16, "simulation.compile='cuda-graphs'",
+                         f"simulation.world_size={world_size}"]))
     out.append(("flower", ["simulation.executor='flower'"]))
     return out
 

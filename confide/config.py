@@ -125,8 +125,9 @@ class SimulationConfig:
     chunk_size: int = _c(0, ge=0)
     #: "bf16": forward and backward under bfloat16 autocast (opt-in; fp32 master weights)
     mixed_precision: Literal["off", "bf16"] = "off"
-    #: "cuda-graphs" replays each local step as a CUDA graph; "torch-compile" compiles it
-    compile: Literal["off", "cuda-graphs", "torch-compile"] = "off"
+    #: "cuda-graphs" replays each local step as a CUDA graph; "torch-compile" compiles it;
+    #: "auto": CUDA graphs on a GPU where they apply (SGD, no DP-SGD), else off
+    compile: Literal["auto", "off", "cuda-graphs", "torch-compile"] = "auto"
     #: convolutions with per-client weights: grouped conv (vmap's own rule) or unfold + bmm
     conv_lowering: Literal["auto", "grouped", "unfold"] = "auto"
     #: processes, one GPU each, a cohort is split over (torch.distributed, NCCL or gloo)
