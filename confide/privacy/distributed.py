@@ -421,7 +421,8 @@ class DistributedDP(LedgeredPrivacy):
     def __init__(self, *, clip_norm: float, sigma_local: float, bits: int, dim: int,
                  sample_rate: float, expected_clients: float, max_clients: int, delta: float,
                  target_epsilon: float | None = None, seed: int = 0,
-                 noise_multiplier_pinned: bool = True) -> None:
+                 noise_multiplier_pinned: bool = True,
+                 planned_clients: int | None = None) -> None:
         if not (math.isfinite(clip_norm) and clip_norm > 0):
             raise PrivacyError(f"clip norm = {clip_norm!r} must be > 0")
         if not sigma_local > 0:
@@ -433,6 +434,8 @@ class DistributedDP(LedgeredPrivacy):
         self.sample_rate = float(sample_rate)
         self.expected_clients = float(expected_clients)
         self.max_clients = int(max_clients)
+        #: noise shares a round is planned (and the noise calibrated) for
+        self.planned_clients = int(planned_clients or math.floor(expected_clients))
         self.seed = int(seed)
         self._pinned = noise_multiplier_pinned
         self.target = target_epsilon
@@ -460,7 +463,8 @@ class DistributedDP(LedgeredPrivacy):
                 "bits": self.bits, "gamma": self.gamma, "noise_s": self.noise.s,
                 "noise_t": self.noise.t, "dim": self.dim, "padded_dim": self.padded,
                 "beta": BETA, "sample_rate": self.sample_rate,
-                "expected_clients": self.expected_clients, "max_clients": self.max_clients}
+                "expected_clients": self.expected_clients, "max_clients": self.max_clients,
+                "planned_clients": self.planned_clients}
 
     def round_parameters(self, n: int) -> _Round:
         """The mechanism with ``n`` noise shares, in integer units (Kairouz et al. 2021)."""
@@ -526,7 +530,8 @@ class DistributedDP(LedgeredPrivacy):
         max_clients = min(num_clients, math.ceil(expected + 4 * math.sqrt(expected) + 1))
         common = dict(clip_norm=p.clip_norm, bits=sa.bits, dim=dim, sample_rate=q,
                       expected_clients=expected, max_clients=max_clients, delta=p.delta,
-                      target_epsilon=p.target_epsilon, seed=config.run.seed)
+                      target_epsilon=p.target_epsilon, seed=config.run.seed,
+                      planned_clients=n_cal)
         if p.noise_multiplier is not None:
             sigma_total = p.noise_multiplier * p.clip_norm
             return cls(sigma_local=sigma_total / math.sqrt(n_cal), **common)  # type: ignore[arg-type]
@@ -626,10 +631,15 @@ class DistributedDP(LedgeredPrivacy):
         return float(eps)
 
     # ------------------------------------------------------------------ step 8 and state
-    def planned_events(self, server_round: int, num_sampled_expected: int  # noqa: D102
+    def planned_events(self, server_round: int, num_sampled_expected: int
                        ) -> dict[str, PrivacyEvent]:
-        n = max(2, math.floor(num_sampled_expected))
-        return {POPULATION: (self.equivalent_multiplier(n), self.sample_rate, 1)}
+        """A round with the noise shares the noise was calibrated for. A round whose
+        realised count falls short costs a little more (the ledger records what it cost);
+        the calibration's margin keeps the run's total within the target with high
+        probability, but the last round can overshoot it by a hair.
+        """
+        return {POPULATION: (self.equivalent_multiplier(max(2, self.planned_clients)),
+                             self.sample_rate, 1)}
 
     def round_metrics(self) -> dict[str, float]:  # noqa: D102
         return dict(self._last)
