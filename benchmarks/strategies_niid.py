@@ -35,6 +35,7 @@ import platform
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,31 +98,41 @@ def rounds_to(accuracies: list[float | None], target: float) -> int | None:
     return None
 
 
-def run_one(strategy: str, options: dict[str, Any], base: list[str]) -> dict[str, Any]:
-    """One strategy's run; returns its row."""
+def make_row(strategy: str, options: dict[str, Any], history: list[dict[str, Any]],
+             seconds: float, rounds: int) -> dict[str, Any]:
+    """A results row from a (possibly still running) history."""
+    s = summarize(history)
+    acc = [r["test_accuracy"] for r in history]
+    best_round = None if s["best_accuracy"] is None else acc.index(s["best_accuracy"]) + 1
+    return {
+        "strategy": strategy, "options": options, "rounds_completed": len(history),
+        "complete": len(history) >= rounds,
+        "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
+        "best_round": best_round, "rounds_to_80": rounds_to(acc, TARGET),
+        "wall_seconds": round(seconds, 1), "accuracy_per_round": acc,
+    }
+
+
+def run_one(strategy: str, options: dict[str, Any], base: list[str], rounds: int,
+            on_partial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """One strategy's run; ``on_partial`` gets the row after every round; returns the row."""
     overrides = [*base, f"strategy.name={_toml(strategy)}",
                  *(f"strategy.{k}={_toml(v)}" for k, v in options.items())]
     start = time.perf_counter()
+    history: list[dict[str, Any]] = []
 
     def progress(record: dict[str, Any]) -> None:
         acc = record["test_accuracy"]
         print(f"  {strategy} round {record['round']}: test accuracy "
               f"{'-' if acc is None else f'{acc:.4f}'} ({time.perf_counter() - start:.0f} s)",
               flush=True)
+        history.append(record)
+        on_partial(make_row(strategy, options, history, time.perf_counter() - start, rounds))
 
     with tempfile.TemporaryDirectory() as tmp:
-        _, history = run_simulation(CONFIG, overrides=overrides, output=Path(tmp) / "run",
-                                    on_round_end=progress)
-    seconds = time.perf_counter() - start
-    s = summarize(history)
-    acc = [r["test_accuracy"] for r in history]
-    best_round = None if s["best_accuracy"] is None else acc.index(s["best_accuracy"]) + 1
-    return {
-        "strategy": strategy, "options": options,
-        "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
-        "best_round": best_round, "rounds_to_80": rounds_to(acc, TARGET),
-        "wall_seconds": round(seconds, 1), "accuracy_per_round": acc,
-    }
+        _, full = run_simulation(CONFIG, overrides=overrides, output=Path(tmp) / "run",
+                                 on_round_end=progress)
+    return make_row(strategy, options, full, time.perf_counter() - start, rounds)
 
 
 def _pct(x: float | None) -> str:
@@ -131,20 +142,18 @@ def _pct(x: float | None) -> str:
 def render_markdown(results: dict[str, Any]) -> str:
     """All settings in ``results`` as Markdown tables."""
     lines = ["# Strategies on non-IID Fashion-MNIST (NIID-Bench setting)", "",
-             "10 clients, all per round, `lenet`, 10 local epochs, batch 64, SGD lr 0.01, "
-             "momentum 0.9, weight decay 1e-5, unless a setting says otherwise. Accuracy in %, "
-             "on the 10k test set. Published: NIID-Bench as reproduced in Flower's "
-             "baselines (50 rounds).", ""]
+             "10 clients, all per round, `lenet`, batch 64, SGD lr 0.01, momentum 0.9, weight "
+             "decay 1e-5; local epochs and rounds as listed. Accuracy in %, on the 10k test "
+             "set. Published: NIID-Bench as reproduced in Flower's baselines (50 rounds, 10 "
+             "local epochs).", ""]
     for key, setting in sorted(results.items()):
-        meta = setting["meta"]
         lines += [f"## {key}", "",
-                  f"rounds {meta['rounds']}, local epochs {meta['epochs']}, executor "
-                  f"{meta['executor']}, device {meta['gpu'] or meta['device']}, seed "
-                  f"{meta['seed']}, torch {meta['torch']}", "",
-                  "| strategy | options | final | best (round) | rounds to 80% | published "
-                  "| final - published (pts) | wall s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for row in setting["rows"]:
+                  "| strategy | options | rounds | local epochs | final | best (round) | "
+                  "rounds to 80% | published | final - published (pts) | executor, device | "
+                  "wall s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in setting["rows"].values():
+            meta = row["meta"]
             pub = row.get("published")
             diff = ("-" if pub is None or row["final_accuracy"] is None
                     else f"{100 * row['final_accuracy'] - pub[0]:+.1f}")
@@ -152,9 +161,13 @@ def render_markdown(results: dict[str, Any]) -> str:
             best = (f"{_pct(row['best_accuracy'])} ({row['best_round']})"
                     if row["best_accuracy"] is not None else "-")
             lines.append(
-                f"| {row['strategy']} | {opts} | {_pct(row['final_accuracy'])} | {best} | "
+                f"| {row['strategy']} | {opts} | {row['rounds_completed']}"
+                f"{'' if row['complete'] else ' of ' + str(meta['rounds']) + ' (cut short)'} | "
+                f"{meta['epochs']} | "
+                f"{_pct(row['final_accuracy'])} | {best} | "
                 f"{row['rounds_to_80'] or 'not reached'} | "
                 f"{'-' if pub is None else f'{pub[0]} ({pub[1]})'} | {diff} | "
+                f"{meta['executor']}, {meta['gpu'] or meta['device']} | "
                 f"{row['wall_seconds']} |")
         lines.append("")
     return "\n".join(lines)
@@ -206,15 +219,6 @@ def main(argv: list[str] | None = None) -> None:
     key = setting_key(args.partition, args.alpha, args.classes_per_client)
     published = PUBLISHED.get(key, {})
 
-    rows = []
-    for name, opts in options.items():
-        row = run_one(name, opts, base)
-        row["published"] = published.get(name)
-        rows.append(row)
-        print(f"{key} {name}: final {_pct(row['final_accuracy'])}, best "
-              f"{_pct(row['best_accuracy'])}, rounds to 80% {row['rounds_to_80']}, "
-              f"{row['wall_seconds']} s", flush=True)
-
     meta = {"rounds": rounds, "epochs": epochs, "executor": args.executor,
             "device": args.device, "seed": args.seed, "extra_overrides": args.set,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -225,9 +229,23 @@ def main(argv: list[str] | None = None) -> None:
     stem = "strategies_niid" + (f"-{tag}" if tag else "")
     path = out / f"{stem}.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    results[key] = {"meta": meta, "rows": rows}
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(render_markdown(results))
+    setting = results.setdefault(key, {"rows": {}})
+
+    def save(row: dict[str, Any]) -> None:
+        # After every round: a later run of one strategy replaces only its own row, and a run
+        # cut short keeps the rounds it finished (marked incomplete).
+        row["published"] = published.get(row["strategy"])
+        row["meta"] = meta
+        setting["rows"][row["strategy"]] = row
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(render_markdown(results))
+
+    for name, opts in options.items():
+        row = run_one(name, opts, base, rounds, save)
+        save(row)
+        print(f"{key} {name}: final {_pct(row['final_accuracy'])}, best "
+              f"{_pct(row['best_accuracy'])}, rounds to 80% {row['rounds_to_80']}, "
+              f"{row['wall_seconds']} s", flush=True)
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
