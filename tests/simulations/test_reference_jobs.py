@@ -1,9 +1,9 @@
 """The default job and the cross-silo example reach their accuracy bars (behaviour, not time)."""
 
 import pytest
+from confide_testing import ROOT
 
 from confide.simulations.run import run_simulation, summarize
-from confide_testing import ROOT
 
 
 @pytest.mark.slow
