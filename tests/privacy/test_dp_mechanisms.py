@@ -134,3 +134,15 @@ def test_adaptive_clipping_uses_the_papers_count_noise():
     # every client clipped: b = 0, C grows by exp(0.2 * 0.5)
     assert ac.update(-50.0, generator=None) == 0.0
     assert ac.clip_norm == pytest.approx(0.1)
+
+
+def test_l2_clip_long_float64_vectors_converge():
+    # torch's float64 norm of ~1e4-1e6 entries is tens of ulp off; clipping must still finish
+    import torch
+
+    from confide.privacy.mechanisms import l2_clip
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (26_000, 250_000):
+        v = torch.randn(n, generator=gen, dtype=torch.float64) * 1e3
+        assert float(torch.linalg.vector_norm(l2_clip(v, 1.0))) <= 1.0
