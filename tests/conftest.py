@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -15,3 +16,9 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("FLWR_HOME", str(home))
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path_factory.getbasetemp() / "ray"))
     yield
+    # The CLI configures the "confide" logger for a terminal (own handler, no propagation);
+    # undo that after in-process CLI tests so later tests' caplog sees log records again.
+    logger = logging.getLogger("confide")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
