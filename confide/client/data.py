@@ -9,13 +9,13 @@ simulation the data are the coordinator's partitions (:class:`PartitionedData`).
 
 from __future__ import annotations
 
-import csv
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
 from confide.exceptions import DataError
+from confide.simulations.datasets import read_csv_table
 
 __all__ = ["ClientDataSource", "LocalDataFile", "PartitionedData", "read_data_file"]
 
@@ -35,13 +35,7 @@ def read_data_file(path: str | Path, *, label_column: str = "label"
         except (OSError, ValueError) as exc:
             raise DataError(f"{str(p)!r} is not a readable .npz file ({exc})") from None
     elif p.suffix == ".csv":
-        try:
-            with p.open(newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                rows = list(reader)
-                columns = reader.fieldnames or []
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"{str(p)!r} is not a readable CSV file ({exc})") from None
+        rows, columns = read_csv_table(p)
         if label_column not in columns:
             raise DataError(f"{str(p)!r} has no label column {label_column!r}")
         features = [c for c in columns if c != label_column]

@@ -202,13 +202,7 @@ def _user_data(path: str, client_column: str, label_column: str, seed: int,
         x_test = arrays.get("x_test")
         y_test = arrays.get("y_test")
     elif p.suffix == ".csv":
-        try:
-            with p.open(newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                rows = list(reader)
-                columns = reader.fieldnames or []
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"{path!r} is not a readable CSV file ({exc})") from None
+        rows, columns = read_csv_table(p)
         if label_column not in columns:
             raise DataError(f"{path!r} has no label column {label_column!r} "
                             f"(set data.label_column); columns: {', '.join(columns)}")
@@ -247,6 +241,16 @@ def _user_data(path: str, client_column: str, label_column: str, seed: int,
         natural_clients=natural,
         client_names=[str(n) for n in names] if names is not None else None,
     )
+
+
+def read_csv_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows and column names of a CSV file; an unreadable file is a one-line DataError."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            return list(reader), list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{str(path)!r} is not a readable CSV file ({exc})") from None
 
 
 _LOADERS = {"digits": _digits, "fashion-mnist": _fashion_mnist, "heart-disease": _heart_disease}
