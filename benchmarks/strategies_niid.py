@@ -25,6 +25,10 @@ Writes ``benchmarks/results/strategies_niid.json`` and ``.md`` (settings accumul
     python benchmarks/strategies_niid.py                                   # #C=2, 50 rounds
     python benchmarks/strategies_niid.py --partition dirichlet --alpha 0.5
     python benchmarks/strategies_niid.py --quick --rounds 1 --device cpu   # smoke test
+
+``--run-root DIR`` keeps each run folder under DIR and resumes unfinished ones when the same
+command runs again (for time-limited machines). "s in rounds" is the time spent in rounds,
+summed over every session of a resumed run.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable
@@ -40,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _resumable import locked, round_seconds, run_or_resume, write_atomic
 
-from confide.simulations.run import run_simulation, summarize
+from confide.simulations.run import summarize
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "examples" / "fashion-mnist.toml"
@@ -109,13 +113,17 @@ def make_row(strategy: str, options: dict[str, Any], history: list[dict[str, Any
         "complete": len(history) >= rounds,
         "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
         "best_round": best_round, "rounds_to_80": rounds_to(acc, TARGET),
-        "wall_seconds": round(seconds, 1), "accuracy_per_round": acc,
+        "seconds_in_rounds": round(seconds, 1), "accuracy_per_round": acc,
     }
 
 
 def run_one(strategy: str, options: dict[str, Any], base: list[str], rounds: int,
-            on_partial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """One strategy's run; ``on_partial`` gets the row after every round; returns the row."""
+            on_partial: Callable[[dict[str, Any]], None], run_dir: Path | None = None
+            ) -> dict[str, Any]:
+    """One strategy's run; ``on_partial`` gets the row after every round; returns the row.
+
+    With ``run_dir`` the run folder is kept there and a later call resumes it.
+    """
     overrides = [*base, f"strategy.name={_toml(strategy)}",
                  *(f"strategy.{k}={_toml(v)}" for k, v in options.items())]
     start = time.perf_counter()
@@ -127,12 +135,15 @@ def run_one(strategy: str, options: dict[str, Any], base: list[str], rounds: int
               f"{'-' if acc is None else f'{acc:.4f}'} ({time.perf_counter() - start:.0f} s)",
               flush=True)
         history.append(record)
-        on_partial(make_row(strategy, options, history, time.perf_counter() - start, rounds))
+        on_partial(make_row(strategy, options, history, _seconds(run_dir, start), rounds))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        _, full = run_simulation(CONFIG, overrides=overrides, output=Path(tmp) / "run",
-                                 on_round_end=progress)
-    return make_row(strategy, options, full, time.perf_counter() - start, rounds)
+    full, train_seconds, _ = run_or_resume(CONFIG, overrides, run_dir, progress)
+    return make_row(strategy, options, full, train_seconds, rounds)
+
+
+def _seconds(run_dir: Path | None, start: float) -> float:
+    # in-round seconds over every session when the folder is kept, else this process's time
+    return round_seconds(run_dir) if run_dir is not None else time.perf_counter() - start
 
 
 def _pct(x: float | None) -> str:
@@ -150,7 +161,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [f"## {key}", "",
                   "| strategy | options | rounds | local epochs | final | best (round) | "
                   "rounds to 80% | published | final - published (pts) | executor, device | "
-                  "wall s |",
+                  "s in rounds |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in setting["rows"].values():
             meta = row["meta"]
@@ -168,7 +179,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{row['rounds_to_80'] or 'not reached'} | "
                 f"{'-' if pub is None else f'{pub[0]} ({pub[1]})'} | {diff} | "
                 f"{meta['executor']}, {meta['gpu'] or meta['device']} | "
-                f"{row['wall_seconds']} |")
+                f"{row.get('seconds_in_rounds', row.get('wall_seconds'))} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -195,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="smoke test: 1 local epoch, 1 round unless --rounds; results go to "
                          "strategies_niid-quick.*")
     ap.add_argument("--set", action="append", default=[], help="extra section.key=value")
+    ap.add_argument("--run-root", type=Path, default=None,
+                    help="keep each run folder under here (<setting>-<strategy>); the same "
+                         "command again resumes unfinished runs from their checkpoints")
     args = ap.parse_args(argv)
 
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 50)
@@ -228,24 +242,26 @@ def main(argv: list[str] | None = None) -> None:
     tag = args.tag or ("quick" if args.quick else "")
     stem = "strategies_niid" + (f"-{tag}" if tag else "")
     path = out / f"{stem}.json"
-    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    setting = results.setdefault(key, {"rows": {}})
 
     def save(row: dict[str, Any]) -> None:
         # After every round: a later run of one strategy replaces only its own row, and a run
-        # cut short keeps the rounds it finished (marked incomplete).
+        # cut short keeps the rounds it finished (marked incomplete). Several processes may
+        # share the file (one strategy each): read-modify-write under a lock.
         row["published"] = published.get(row["strategy"])
         row["meta"] = meta
-        setting["rows"][row["strategy"]] = row
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(render_markdown(results))
+        with locked(path):
+            results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+            results.setdefault(key, {"rows": {}})["rows"][row["strategy"]] = row
+            write_atomic(path, json.dumps(results, indent=2) + "\n")
+            write_atomic(out / f"{stem}.md", render_markdown(results))
 
     for name, opts in options.items():
-        row = run_one(name, opts, base, rounds, save)
+        run_dir = None if args.run_root is None else args.run_root / f"{key}-{name}"
+        row = run_one(name, opts, base, rounds, save, run_dir)
         save(row)
         print(f"{key} {name}: final {_pct(row['final_accuracy'])}, best "
               f"{_pct(row['best_accuracy'])}, rounds to 80% {row['rounds_to_80']}, "
-              f"{row['wall_seconds']} s", flush=True)
+              f"{row['seconds_in_rounds']} s in rounds", flush=True)
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
