@@ -2,7 +2,10 @@
 DP-SGD during training -> clip the update -> distributed-DP encode -> quantise -> mask.
 
 A stage is any callable ``(update, context) -> update``; privacy and secure aggregation add
-theirs by wrapping, never by subclassing the trainer.
+theirs by wrapping, never by subclassing the trainer. A stage may also offer a batched form,
+``stage.batch(updates [n, dim], contexts) -> updates``, that processes a whole cohort as tensor
+operations on its device (the vectorized executor's path); without one, rows are processed one
+by one with the per-client form, which gives the same result.
 """
 
 from __future__ import annotations
@@ -40,6 +43,18 @@ class ClientPipeline:
         for stage in self.stages:
             update = stage(update, context)
         return update
+
+    def apply_batch(self, updates: torch.Tensor, contexts: Sequence[StageContext]
+                    ) -> torch.Tensor:
+        """Run every stage on a batch of updates ``[n, dim]`` (one context per row)."""
+        for stage in self.stages:
+            batched = getattr(stage, "batch", None)
+            if batched is not None:
+                updates = batched(updates, contexts)
+            else:
+                updates = torch.stack([stage(u, c) for u, c in zip(updates, contexts,
+                                                                  strict=True)])
+        return updates
 
     def __bool__(self) -> bool:
         return bool(self.stages)

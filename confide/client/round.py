@@ -6,45 +6,17 @@ simulation and deployment run identical client logic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from confide.client.pipeline import ClientPipeline, StageContext
-from confide.client.trainer import FitOutput, LocalTrainer, TrainSettings
-from confide.strategies.base import RoundInstructions, Strategy
+from confide.client.trainer import FitOutput, LocalTrainer
+from confide.round import ClientResult, ClientTask, ResultBatch
+from confide.strategies.base import Strategy
 
-__all__ = ["ClientTask", "ClientResult", "run_client_task", "finish_client_task"]
-
-
-@dataclass
-class ClientTask:
-    """What a sampled client receives for one round."""
-
-    client_id: int
-    server_round: int
-    global_params: torch.Tensor
-    instructions: RoundInstructions
-    settings: TrainSettings
-    seed: int
-    client_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: fault injection: leave the round after this many local steps
-    drop_after_steps: int | None = None
-
-
-@dataclass
-class ClientResult:
-    """What a client reports: its (pipeline-processed) update, weight and metrics."""
-
-    client_id: int
-    update: torch.Tensor
-    num_examples: int
-    num_steps: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)
-    new_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
+__all__ = ["ClientTask", "ClientResult", "run_client_task", "finish_client_task",
+           "finish_cohort"]
 
 
 def run_client_task(
@@ -80,4 +52,34 @@ def finish_client_task(task: ClientTask, out: FitOutput, strategy: Strategy,
         num_steps=out.num_steps, metrics=out.metrics,
         aux={k: v.detach().cpu() for k, v in aux.items()},
         new_state={k: v.detach().cpu() for k, v in new_state.items()}, info=ctx.info,
+    )
+
+
+def finish_cohort(tasks: Sequence[ClientTask], updates: torch.Tensor, *,
+                  num_examples: Sequence[int], num_steps: Sequence[int],
+                  metrics: Mapping[str, torch.Tensor], strategy: Strategy,
+                  pipeline: ClientPipeline, info: Sequence[dict] | None = None) -> ResultBatch:
+    """:func:`finish_client_task` for a whole cohort trained at once, as tensor operations.
+
+    ``updates`` is ``[n, dim]`` on the training device, row ``i`` belonging to ``tasks[i]``
+    (which share settings and instructions); the result batch stays on that device.
+    """
+    first = tasks[0]
+    settings = first.settings
+    momentum = settings.momentum if settings.optimizer == "sgd" else 0.0
+    aux, new_state = strategy.client_finalize_batch(
+        first.instructions, [t.client_state for t in tasks], updates,
+        num_steps=list(num_steps), lr=settings.lr, momentum=momentum)
+    contexts = [StageContext(server_round=t.server_round, client_id=t.client_id, seed=t.seed)
+                for t in tasks]
+    processed = pipeline.apply_batch(updates, contexts) if pipeline else updates
+    f64 = {"dtype": torch.float64, "device": updates.device}
+    return ResultBatch(
+        client_ids=[t.client_id for t in tasks], updates=processed.detach(),
+        num_examples=torch.tensor([float(n) for n in num_examples], **f64),
+        num_steps=torch.tensor([float(k) for k in num_steps], **f64),
+        metrics={k: v.to(**f64) for k, v in metrics.items()},
+        aux={k: v.detach() for k, v in aux.items()},
+        new_state={k: v.detach() for k, v in new_state.items()},
+        info=[{**(info[i] if info else {}), **c.info} for i, c in enumerate(contexts)],
     )

@@ -15,21 +15,10 @@ from torch import nn
 
 from confide.exceptions import ClientDropped
 from confide.parameters import get_flat_params, set_flat_params
+from confide.round import TrainSettings
 from confide.strategies.base import ClientRule
 
 __all__ = ["TrainSettings", "FitOutput", "LocalTrainer", "evaluate_model"]
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Local optimisation settings (from ``[client]``, possibly overridden per round)."""
-
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    optimizer: str = "sgd"
 
 
 @dataclass

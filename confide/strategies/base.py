@@ -20,13 +20,14 @@ the coordinator refuses to run them under secure aggregation.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from confide.exceptions import ConfigError, StrategyError
+from confide.round import RoundInstructions
 
 __all__ = [
     "Strategy",
@@ -68,18 +69,6 @@ def effective_local_steps(num_steps: int, momentum: float) -> float:
 @dataclass(frozen=True)
 class NoParams:
     """A strategy without parameters."""
-
-
-@dataclass
-class RoundInstructions:
-    """What every client sampled in a round receives (besides the global weights).
-
-    ``tensors`` are flat vectors sent to the clients (e.g. SCAFFOLD's server control variate);
-    ``values`` are scalars (e.g. FedProx's ``mu``).
-    """
-
-    values: dict[str, float] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,10 +136,10 @@ class Strategy:
         """The server update rule; the default is FedAvg's ``w + mean_update``."""
         return global_params + mean_update
 
-    def aggregate_individual(
-        self, updates: list[torch.Tensor], weights: list[float]
-    ) -> torch.Tensor:
-        """Combine individual updates (only for ``requires_individual_updates``)."""
+    def aggregate_individual(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Combine individual updates ``[n, dim]`` with weights ``[n]`` (only for
+        ``requires_individual_updates``), as tensor operations on their device.
+        """
         raise StrategyError(f"strategy {self.name!r} does not aggregate individual updates")
 
     def state_dict(self) -> dict[str, Any]:
@@ -185,6 +174,30 @@ class Strategy:
         ``client_update`` (SCAFFOLD's option II divides by the effective step length).
         """
         return {}, dict(client_state)
+
+    def client_finalize_batch(
+        self,
+        instructions: RoundInstructions,
+        client_states: Sequence[Mapping[str, torch.Tensor]],
+        client_updates: torch.Tensor,
+        *,
+        num_steps: Sequence[int],
+        lr: float,
+        momentum: float = 0.0,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`client_finalize` for a cohort (updates ``[n, dim]``): stacked columns.
+
+        The default calls :meth:`client_finalize` row by row; strategies whose rule is a
+        tensor expression override it so a vectorized cohort stays on its device.
+        """
+        if type(self).client_finalize is Strategy.client_finalize:
+            return {}, {}
+        rows = [self.client_finalize(instructions, st, u, num_steps=int(k), lr=lr,
+                                     momentum=momentum)
+                for st, u, k in zip(client_states, client_updates, num_steps, strict=True)]
+        aux = {k: torch.stack([r[0][k] for r in rows]) for k in (rows[0][0] if rows else {})}
+        state = {k: torch.stack([r[1][k] for r in rows]) for k in (rows[0][1] if rows else {})}
+        return aux, state
 
     # ----------------------------------------------------------------- misc
     def check_compatible(self, *, secure_aggregation: bool) -> None:

@@ -9,6 +9,7 @@ robustness statements are about the number of Byzantine clients, not their data 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,12 @@ __all__ = [
 ]
 
 
-def _stack(name: str, updates: list[torch.Tensor]) -> torch.Tensor:
-    if not updates:
+def _stack(name: str, updates: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """The updates as one ``[n, dim]`` tensor (a result batch's rows already are)."""
+    if len(updates) == 0:
         raise StrategyError(f"{name}: no client updates to aggregate")
+    if isinstance(updates, torch.Tensor):
+        return updates.reshape(updates.shape[0], -1)
     return torch.stack([u.reshape(-1) for u in updates])
 
 
@@ -43,7 +47,7 @@ class FedMedian(Strategy):
     citation = "Yin et al. 2018 (ICML), Algorithm 1 option I, Definition 1"
     requires_individual_updates = True
 
-    def aggregate_individual(self, updates: list[torch.Tensor], weights: list[float]
+    def aggregate_individual(self, updates: torch.Tensor, weights: torch.Tensor  # noqa: D102
                              ) -> torch.Tensor:
         """``med{Δ_i}`` coordinate by coordinate."""
         ordered = _stack(self.name, updates).sort(dim=0).values
@@ -74,7 +78,7 @@ class TrimmedMean(Strategy):
     Params = TrimmedMeanParams
     params: TrimmedMeanParams
 
-    def aggregate_individual(self, updates: list[torch.Tensor], weights: list[float]
+    def aggregate_individual(self, updates: torch.Tensor, weights: torch.Tensor  # noqa: D102
                              ) -> torch.Tensor:
         """``trmean_β{Δ_i}`` coordinate by coordinate."""
         ordered = _stack(self.name, updates).sort(dim=0).values
@@ -124,7 +128,7 @@ class Krum(Strategy):
         nearest = dist2.sort(dim=1).values[:, : n - f - 2]
         return nearest.sum(dim=1)
 
-    def aggregate_individual(self, updates: list[torch.Tensor], weights: list[float]
+    def aggregate_individual(self, updates: torch.Tensor, weights: torch.Tensor  # noqa: D102
                              ) -> torch.Tensor:
         """The lowest-scoring update, or the mean of the ``m`` lowest (Multi-Krum)."""
         stacked = _stack(self.name, updates)

@@ -24,7 +24,7 @@ both are ``K η_l``, exactly Algorithm 1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,4 +127,32 @@ class Scaffold(Strategy):
             return {"delta_c": zeros}, {"c_i": c_i}
         path = lr * effective_local_steps(num_steps, momentum)  # K η_l, momentum-aware
         c_i_new = c_i - c - client_update / path  # x - y_i = -client_update
+        return {"delta_c": c_i_new - c_i}, {"c_i": c_i_new}
+
+    def client_finalize_batch(self, instructions: RoundInstructions,
+                              client_states: Sequence[Mapping[str, torch.Tensor]],
+                              client_updates: torch.Tensor, *, num_steps: Sequence[int],
+                              lr: float, momentum: float = 0.0
+                              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`client_finalize` for a cohort ``[n, dim]`` as tensor operations."""
+        n = client_updates.shape[0]
+        like = client_updates[0] if n else None
+        zeros = torch.zeros_like(client_updates)
+        c_rows = []
+        for st in client_states:
+            _, c_i = self._variates(instructions, st, like=like)
+            c_rows.append(c_i)
+        c = instructions.tensors.get("c")
+        c = torch.zeros_like(client_updates[:1]) if c is None else c.reshape(1, -1).to(
+            client_updates)
+        if any(r is not None for r in c_rows):
+            c_i = torch.stack([zeros[0] if r is None else r.reshape(-1).to(client_updates)
+                               for r in c_rows])
+        else:
+            c_i = zeros
+        path = torch.tensor([lr * effective_local_steps(int(k), momentum) if k > 0 else 1.0
+                             for k in num_steps], dtype=client_updates.dtype,
+                            device=client_updates.device)
+        trained = torch.tensor([k > 0 for k in num_steps], device=client_updates.device)
+        c_i_new = torch.where(trained[:, None], c_i - c - client_updates / path[:, None], c_i)
         return {"delta_c": c_i_new - c_i}, {"c_i": c_i_new}
