@@ -35,10 +35,16 @@ __all__ = [
     "PlainAggregator",
     "accept_finite",
     "sum_batch",
+    "as_batch",
 ]
 
 #: ``progress(done, total)``: called by executors as clients finish local training
 RoundProgress = Callable[[int, int], None]
+
+
+def column(values: Sequence[float], device: torch.device | str) -> torch.Tensor:
+    """A per-client column of a :class:`ResultBatch`: float64 ``[n]`` on ``device``."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
 
 
 @dataclass(frozen=True)
@@ -153,15 +159,14 @@ class ResultBatch:
         first = results[0]
         dev = torch.device(device) if device is not None else first.update.device
         updates = torch.stack([r.update.reshape(-1).to(dev) for r in results])
-        f64 = {"dtype": torch.float64, "device": dev}
         metric_names = sorted(set().union(*(r.metrics for r in results)))
         return cls(
             client_ids=[int(r.client_id) for r in results],
             updates=updates,
-            num_examples=torch.tensor([float(r.num_examples) for r in results], **f64),
-            num_steps=torch.tensor([float(r.num_steps) for r in results], **f64),
-            metrics={k: torch.tensor([float(r.metrics.get(k, float("nan"))) for r in results],
-                                     **f64) for k in metric_names},
+            num_examples=column([r.num_examples for r in results], dev),
+            num_steps=column([r.num_steps for r in results], dev),
+            metrics={k: column([r.metrics.get(k, float("nan")) for r in results], dev)
+                     for k in metric_names},
             aux={k: torch.stack([r.aux[k].reshape(-1).to(dev) for r in results])
                  for k in sorted(first.aux)},
             new_state={k: torch.stack([r.new_state[k].reshape(-1).to(dev) for r in results])
@@ -342,9 +347,15 @@ def sum_batch(batch: ResultBatch, *, weighting: str) -> Aggregate:
         client_ids=sorted(batch.client_ids))
 
 
+def as_batch(results: ResultBatch | Sequence[ClientResult]) -> ResultBatch:
+    """A batch, from a batch or from one-client results (a deployment's replies)."""
+    return results if isinstance(results, ResultBatch) else ResultBatch.from_results(results)
+
+
 class PlainAggregator(Aggregator):
     """Sums in the clear (a trusted coordinator)."""
 
-    def aggregate(self, batch: ResultBatch, *, server_round: int, weighting: str) -> Aggregate:
+    def aggregate(self, batch: ResultBatch | Sequence[ClientResult], *,  # type: ignore[override]
+                  server_round: int, weighting: str) -> Aggregate:
         """:func:`sum_batch` of the whole batch."""
-        return sum_batch(batch, weighting=weighting)
+        return sum_batch(as_batch(batch), weighting=weighting)

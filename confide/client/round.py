@@ -12,7 +12,7 @@ import torch
 
 from confide.client.pipeline import ClientPipeline, StageContext
 from confide.client.trainer import FitOutput, LocalTrainer
-from confide.round import ClientResult, ClientTask, ResultBatch
+from confide.round import ClientResult, ClientTask, ResultBatch, column
 from confide.strategies.base import Strategy
 
 __all__ = ["ClientTask", "ClientResult", "run_client_task", "finish_client_task",
@@ -70,16 +70,15 @@ def finish_cohort(tasks: Sequence[ClientTask], updates: torch.Tensor, *,
     aux, new_state = strategy.client_finalize_batch(
         first.instructions, [t.client_state for t in tasks], updates,
         num_steps=list(num_steps), lr=settings.lr, momentum=momentum)
-    contexts = [StageContext(server_round=t.server_round, client_id=t.client_id, seed=t.seed)
-                for t in tasks]
+    contexts = [StageContext(server_round=t.server_round, client_id=t.client_id, seed=t.seed,
+                             info=dict(info[i]) if info else {}) for i, t in enumerate(tasks)]
     processed = pipeline.apply_batch(updates, contexts) if pipeline else updates
-    f64 = {"dtype": torch.float64, "device": updates.device}
     return ResultBatch(
         client_ids=[t.client_id for t in tasks], updates=processed.detach(),
-        num_examples=torch.tensor([float(n) for n in num_examples], **f64),
-        num_steps=torch.tensor([float(k) for k in num_steps], **f64),
-        metrics={k: v.to(**f64) for k, v in metrics.items()},
+        num_examples=column(num_examples, updates.device),
+        num_steps=column(num_steps, updates.device),
+        metrics={k: v.to(device=updates.device, dtype=torch.float64) for k, v in metrics.items()},
         aux={k: v.detach() for k, v in aux.items()},
         new_state={k: v.detach() for k, v in new_state.items()},
-        info=[{**(info[i] if info else {}), **c.info} for i, c in enumerate(contexts)],
+        info=[c.info for c in contexts],
     )

@@ -43,8 +43,8 @@ from confide.exceptions import ConfigError, PrivacyError
 from confide.privacy.accounting import calibrate_noise_multiplier, epsilon_of
 from confide.privacy.central import CentralDP
 from confide.privacy.mechanisms import AdaptiveClipping
+from confide.round import Aggregate, PlainAggregator, ResultBatch
 from confide.seeding import derive_rng, derive_seed
-from confide.server.aggregation import Aggregate, PlainAggregator
 
 __all__ = ["AuditResult", "one_run_p_value", "one_run_epsilon_lower_bound",
            "guess_epsilon_lower_bound", "gaussian_fit_epsilon", "run_canary_audit"]
@@ -253,11 +253,9 @@ def run_canary_audit(config: Config, *, canaries: int = 1000, confidence: float 
                                 seed=derive_seed(seed, "client", rnd, int(cid)))
                      for cid in real]
             results: list[ClientResult] = []
-            for outcome in coord.executor.run_clients(tasks):
-                if outcome.result is not None:
-                    r = outcome.result
-                    r.update = dp.clip_update(r.update, StageContext(rnd, r.client_id, seed))
-                    results.append(r)
+            for r in coord.executor.run_cohort(tasks).batch.results():
+                r.update = dp.clip_update(r.update, StageContext(rnd, r.client_id, seed))
+                results.append(r)
             for j in sampled_canaries:
                 cid = num_real + int(j)
                 update = _canary_direction(seed, int(j), dim).to(params.dtype) * (
@@ -266,8 +264,8 @@ def run_canary_audit(config: Config, *, canaries: int = 1000, confidence: float 
                     client_id=cid, update=dp.clip_update(update, StageContext(rnd, cid, seed)),
                     num_examples=1, num_steps=1))
             if results:
-                aggregate = PlainAggregator().aggregate(results, server_round=rnd,
-                                                        weighting=dp.weighting)
+                aggregate = PlainAggregator().aggregate(
+                    ResultBatch.from_results(results), server_round=rnd, weighting=dp.weighting)
             else:
                 width = dim + (1 if adaptive is not None else 0)
                 aggregate = Aggregate(update_sum=torch.zeros(width, dtype=params.dtype),

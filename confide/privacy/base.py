@@ -7,7 +7,8 @@ classes; the coordinator calls the same hooks whatever the mode.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +18,19 @@ from confide.client.pipeline import UpdateStage
 from confide.client.trainer import LocalTrainer
 
 if TYPE_CHECKING:
-    from confide.client.round import ClientResult
-    from confide.server.aggregation import Aggregate
+    from confide.round import Aggregate, ResultBatch
 
-__all__ = ["RoundPrivacy"]
+__all__ = ["RoundPrivacy", "SampleLevelDP"]
+
+
+@dataclass(frozen=True)
+class SampleLevelDP:
+    """DP-SGD as the clients run it (Opacus: per-sample clipping to ``max_grad_norm``, Gaussian
+    noise of ``noise_multiplier * max_grad_norm`` per step; Abadi et al. 2016, Alg. 1).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
 
 
 class RoundPrivacy:
@@ -44,10 +54,19 @@ class RoundPrivacy:
         where a DP mode keeps (and reconciles) its privacy ledger.
         """
 
-    def observe_results(self, results: Sequence[ClientResult], server_round: int) -> None:
+    def observe_results(self, batch: ResultBatch, server_round: int) -> None:
         """After step 4: what the clients reported (DP-SGD clients report their privacy
-        events in ``ClientResult.info``, in simulation and deployment alike).
+        events in the batch's ``info`` rows, in simulation and deployment alike).
         """
+
+    def sample_level_dp(self) -> SampleLevelDP | None:
+        """The DP-SGD settings clients train with (``None`` when training is not DP-SGD).
+
+        Executors that train a cohort their own way (the vectorized executor) ask the privacy
+        object this, rather than recognising a trainer's class. Raises ``ConfigError`` with the
+        reason when the clients' DP-SGD cannot be reproduced outside its own trainer.
+        """
+        return None
 
     def check_budget(self, server_round: int, num_sampled_expected: int) -> None:
         """Before a round: raise PrivacyBudgetExceeded if it would overspend."""

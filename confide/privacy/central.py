@@ -29,7 +29,7 @@ simulation the client stage reads it from this object.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,12 +38,17 @@ from confide.client.pipeline import StageContext, UpdateStage
 from confide.exceptions import ConfigError, PrivacyError
 from confide.privacy.accounting import PrivacyEvent, calibrate_noise_multiplier, epsilon_of
 from confide.privacy.ledger import POPULATION, LedgeredPrivacy
-from confide.privacy.mechanisms import AdaptiveClipping, GaussianMechanism, split_noise_multiplier
+from confide.privacy.mechanisms import (
+    AdaptiveClipping,
+    GaussianMechanism,
+    l2_clip_rows,
+    split_noise_multiplier,
+)
 from confide.seeding import derive_seed
 
 if TYPE_CHECKING:
     from confide.config import Config
-    from confide.server.aggregation import Aggregate
+    from confide.round import Aggregate
 
 __all__ = ["CentralDP"]
 
@@ -156,7 +161,7 @@ class CentralDP(LedgeredPrivacy):
 
     # ------------------------------------------------------------------ step 4 (client)
     def client_stages(self) -> list[UpdateStage]:  # noqa: D102
-        return [self.clip_update]
+        return [_ClipStage(self)]
 
     def clip_update(self, update: torch.Tensor, ctx: StageContext) -> torch.Tensor:
         """Clip to ``C``; with adaptive clipping append the centred indicator ``b_i - 1/2``."""
@@ -167,6 +172,16 @@ class CentralDP(LedgeredPrivacy):
         report = torch.tensor([self.adaptive.indicator(norm)], dtype=clipped.dtype,
                               device=clipped.device)
         return torch.cat([clipped, report])
+
+    def clip_batch(self, updates: torch.Tensor, contexts: Sequence[StageContext]
+                   ) -> torch.Tensor:
+        """:meth:`clip_update` of a cohort ``[n, dim]`` as tensor operations on its device."""
+        clipped = l2_clip_rows(updates, self.mechanism.clip_norm)
+        if self.adaptive is None:
+            return clipped
+        norms = torch.linalg.vector_norm(updates.detach().to(torch.float64), dim=1)
+        report = torch.where(norms <= self.adaptive.clip_norm, 0.5, -0.5)  # 1[norm<=C] - 1/2
+        return torch.cat([clipped, report.to(clipped.dtype)[:, None]], dim=1)
 
     # ------------------------------------------------------------------ step 6 (server)
     def process_aggregate(self, aggregate: Aggregate, server_round: int) -> Aggregate:  # noqa: D102
@@ -232,3 +247,16 @@ class CentralDP(LedgeredPrivacy):
         self.mechanism = GaussianMechanism(clip_norm=clip,
                                            noise_multiplier=self._update_noise_multiplier())
         self.ledger.settings.update(self._settings())
+
+
+class _ClipStage:
+    """Central DP's client stage: clip (and the adaptive-clipping report), per client or batch."""
+
+    def __init__(self, privacy: CentralDP) -> None:
+        self.privacy = privacy
+
+    def __call__(self, update: torch.Tensor, ctx: StageContext) -> torch.Tensor:
+        return self.privacy.clip_update(update, ctx)
+
+    def batch(self, updates: torch.Tensor, contexts: Sequence[StageContext]) -> torch.Tensor:
+        return self.privacy.clip_batch(updates, contexts)

@@ -65,7 +65,7 @@ from confide.seeding import derive_seed
 
 if TYPE_CHECKING:
     from confide.config import Config
-    from confide.server.aggregation import Aggregate
+    from confide.round import Aggregate
 
 __all__ = [
     "BETA",

@@ -46,13 +46,14 @@ from confide.client.trainer import FitOutput, LocalTrainer, TrainSettings
 from confide.exceptions import ClientDropped, ConfigError, PrivacyBudgetExceeded, PrivacyError
 from confide.parameters import get_flat_params, set_flat_params
 from confide.privacy.accounting import PrivacyEvent, calibrate_noise_multiplier, epsilon_of
+from confide.privacy.base import SampleLevelDP
 from confide.privacy.ledger import LedgeredPrivacy
 from confide.seeding import derive_seed
 from confide.strategies.base import ClientRule
 
 if TYPE_CHECKING:
-    from confide.client.round import ClientResult
     from confide.config import Config
+    from confide.round import ResultBatch
 
 __all__ = ["DPSGDTrainer", "DPSGDPrivacy", "check_model_for_dp_sgd", "client_key"]
 
@@ -267,7 +268,16 @@ class DPSGDPrivacy(LedgeredPrivacy):
         self._fit_event = event
 
     def client_stages(self) -> list[UpdateStage]:  # noqa: D102
-        return [self.attribute_fit]
+        return [_FitAttribution(self)]
+
+    def sample_level_dp(self) -> SampleLevelDP | None:
+        """The fixed multiplier clients train with (a target ε calibrates per client)."""
+        if self.noise_multiplier is None or self.target_epsilon is not None:
+            raise ConfigError("DP-SGD with privacy.target_epsilon (per-client calibration and "
+                              "budget checks) is not vectorised; set privacy.noise_multiplier "
+                              "alone")
+        return SampleLevelDP(noise_multiplier=float(self.noise_multiplier),
+                             max_grad_norm=self.clip_norm)
 
     def attribute_fit(self, update: torch.Tensor, ctx: StageContext) -> torch.Tensor:
         """Report the event of the ``fit`` that just ran with this client's result."""
@@ -280,22 +290,22 @@ class DPSGDPrivacy(LedgeredPrivacy):
         return update
 
     # ------------------------------------------------------------------ server side
-    def observe_results(self, results: Sequence[ClientResult], server_round: int) -> None:
+    def observe_results(self, batch: ResultBatch, server_round: int) -> None:
         """Charge each client's reported DP-SGD event to its account (recorded at step 8)."""
-        for r in results:
+        for client_id, info in zip(batch.client_ids, batch.info, strict=True):
             try:
-                z = float(r.info[INFO_NOISE])
-                q = float(r.info[INFO_RATE])
-                steps = float(r.info[INFO_STEPS])
+                z = float(info[INFO_NOISE])
+                q = float(info[INFO_RATE])
+                steps = float(info[INFO_STEPS])
             except (KeyError, TypeError, ValueError):
-                raise PrivacyError(f"round {server_round}: client {r.client_id} reported no "
+                raise PrivacyError(f"round {server_round}: client {client_id} reported no "
                                    "DP-SGD privacy event; its update cannot be accounted"
                                    ) from None
             if not (math.isfinite(z) and z > 0 and 0 < q <= 1 and steps >= 1
                     and steps.is_integer()):
-                raise PrivacyError(f"round {server_round}: client {r.client_id} reported an "
+                raise PrivacyError(f"round {server_round}: client {client_id} reported an "
                                    f"invalid DP-SGD event (z={z}, q={q}, steps={steps})")
-            self.stage_event(client_key(r.client_id), (z, q, int(steps)))
+            self.stage_event(client_key(client_id), (z, q, int(steps)))
 
     def planned_events(self, server_round: int, num_sampled_expected: int
                        ) -> dict[str, PrivacyEvent]:
@@ -312,3 +322,21 @@ class DPSGDPrivacy(LedgeredPrivacy):
     def round_metrics(self) -> dict[str, float]:  # noqa: D102
         eps = self.client_epsilons()
         return {"epsilon_min_client": min(eps.values())} if eps else {}
+
+
+class _FitAttribution:
+    """The DP-SGD pipeline stage: every update carries the privacy event of its training."""
+
+    def __init__(self, privacy: DPSGDPrivacy) -> None:
+        self.privacy = privacy
+
+    def __call__(self, update: torch.Tensor, ctx: StageContext) -> torch.Tensor:
+        return self.privacy.attribute_fit(update, ctx)
+
+    def batch(self, updates: torch.Tensor, contexts: Sequence[StageContext]) -> torch.Tensor:
+        """A cohort trained at once reports each client's event in its context already."""
+        for ctx in contexts:
+            if INFO_STEPS not in ctx.info:
+                raise PrivacyError(f"DP-SGD accounting: client {ctx.client_id} produced an "
+                                   "update without a DP-SGD training event")
+        return updates

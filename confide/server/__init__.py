@@ -1,7 +1,6 @@
-"""The coordinator: round loop, cohort sampling, aggregation, checkpoints and history."""
+"""The coordinator: round loop, cohort sampling, checkpoints, history; CA, enrolment, gateway."""
 
-from confide.server.aggregation import Aggregate, Aggregator, PlainAggregator
 from confide.server.coordinator import Coordinator
 from confide.server.sampling import sample_cohort
 
-__all__ = ["Aggregate", "Aggregator", "PlainAggregator", "Coordinator", "sample_cohort"]
+__all__ = ["Coordinator", "sample_cohort"]

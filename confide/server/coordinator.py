@@ -19,16 +19,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from confide.client import ClientResult, ClientTask, TrainSettings
 from confide.config import Config
 from confide.exceptions import ConfigError, RoundFailedError
 from confide.privacy.base import RoundPrivacy
+from confide.round import (
+    Aggregate,
+    Aggregator,
+    ClientTask,
+    Executor,
+    ResultBatch,
+    TrainSettings,
+    accept_finite,
+)
 from confide.seeding import derive_rng, derive_seed
-from confide.server.aggregation import Aggregate, Aggregator, client_weight
 from confide.server.checkpoint import save_checkpoint
 from confide.server.history import plot_history, write_history, write_timings
 from confide.server.sampling import sample_cohort
-from confide.simulations.executors import Executor
 from confide.strategies.base import Strategy
 
 __all__ = ["Coordinator", "RoundRecord"]
@@ -61,6 +67,11 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         cfg = self.config
+        # The global model lives where the cohort is trained, so the round's tensors never
+        # leave that device (DESIGN.md, "The cohort is a batch").
+        device = getattr(self.executor, "device", None)
+        if device is not None:
+            self.params = self.params.to(device)
         # Refuses strategies that need individual updates under secure aggregation.
         self.strategy.check_compatible(secure_aggregation=cfg.secure_aggregation.enabled)
         if cfg.simulation.dropout_stage not in self.aggregator.dropout_stages:
@@ -86,21 +97,21 @@ class Coordinator:
         tasks = [self._task(int(cid), rnd, instructions) for cid in cohort]
         self._inject_dropouts(tasks, rnd)
 
-        # 3.+4. Local training and the client privacy pipeline, on each client's device.
+        # 3.+4. Local training and the client privacy pipeline, on each client's device;
+        # the cohort's results come back as one batch on the training device.
         t_train = time.perf_counter()
-        outcomes = self.executor.run_clients(tasks)
+        outcome = self.executor.run_cohort(tasks)
         t_train = time.perf_counter() - t_train
-        results = self._accept(outcomes, rnd, len(cohort))
-        self.privacy.observe_results(results, rnd)  # e.g. each client's DP-SGD privacy event
+        batch = self._accept(outcome.batch, outcome.failures, rnd, len(cohort))
+        self.privacy.observe_results(batch, rnd)  # e.g. each client's DP-SGD privacy event
 
         # 5. Aggregate: the coordinator learns only the sum (secure aggregation when enabled).
         aggregate: Aggregate = self.aggregator.aggregate(
-            results, server_round=rnd, weighting=self.privacy.weighting)
+            batch, server_round=rnd, weighting=self.privacy.weighting)
         self._require_quorum(aggregate.count, rnd, len(cohort))
         if self.strategy.requires_individual_updates:  # robust aggregators (never with SecAgg)
             aggregate.robust_update = self.strategy.aggregate_individual(
-                [r.update for r in results],
-                [client_weight(r, self.privacy.weighting) for r in results])
+                batch.updates, batch.weights(self.privacy.weighting))
 
         # 6. Server privacy: central Gaussian noise or distributed-DP decoding.
         aggregate = self.privacy.process_aggregate(aggregate, rnd)
@@ -109,15 +120,13 @@ class Coordinator:
         self.params = self.strategy.apply(
             self.params, aggregate.mean_update(), aggregate.mean_aux(), rnd,
             num_clients=aggregate.count, total_clients=self.num_clients)
-        for r in results:
-            if r.client_id in aggregate.client_ids and r.new_state:
-                self.client_states[r.client_id] = r.new_state
+        self._keep_client_states(batch, aggregate)
 
         # 8. Account: the ledger records epsilon *before* the model is released or saved.
         epsilon = self.privacy.account(rnd, self.run_dir)
 
         # 9. Evaluate, record, checkpoint.
-        record = self._record(rnd, cohort, results, aggregate, epsilon)
+        record = self._record(rnd, cohort, batch, aggregate, epsilon)
         self.completed_rounds = rnd
         self.timings.append({"round": rnd, "train_s": round(t_train, 4),
                              "round_s": round(time.perf_counter() - t0, 4)})
@@ -170,20 +179,26 @@ class Coordinator:
                 self.client_sizes[t.client_id] / self.config.client.batch_size)
             t.drop_after_steps = steps // 2
 
-    def _accept(self, outcomes: list, rnd: int, sampled: int) -> list[ClientResult]:
+    def _accept(self, batch: ResultBatch, failures: dict[int, str], rnd: int,
+                sampled: int) -> ResultBatch:
         """Keep results with finite updates; a NaN/inf update is rejected, not averaged."""
-        results = []
-        for o in outcomes:
-            if o.result is None:
-                log.info("round %d: client %d dropped (%s)", rnd, o.client_id, o.failure)
-                continue
-            if not bool(torch.isfinite(o.result.update).all()):
-                log.warning("round %d: client %d sent a non-finite update; it is excluded",
-                            rnd, o.client_id)
-                continue
-            results.append(o.result)
-        self._require_quorum(len(results), rnd, sampled)
-        return results
+        for cid, why in failures.items():
+            log.info("round %d: client %d dropped (%s)", rnd, cid, why)
+        batch, rejected = accept_finite(batch)
+        for cid in rejected:
+            log.warning("round %d: client %d sent a non-finite update; it is excluded",
+                        rnd, cid)
+        self._require_quorum(len(batch), rnd, sampled)
+        return batch
+
+    def _keep_client_states(self, batch: ResultBatch, aggregate: Aggregate) -> None:
+        """Per-client state (SCAFFOLD's c_i) of the clients whose updates were summed."""
+        if not batch.new_state:
+            return
+        summed = set(aggregate.client_ids)
+        for row, cid in enumerate(batch.client_ids):
+            if cid in summed:
+                self.client_states[cid] = {k: v[row] for k, v in batch.new_state.items()}
 
     def _require_quorum(self, reported: int, rnd: int, sampled: int) -> None:
         need = self.config.cohort.min_clients
@@ -194,18 +209,21 @@ class Coordinator:
                 f"{self.completed_rounds}) is intact"
             )
 
-    def _record(self, rnd: int, cohort: np.ndarray, results: list[ClientResult],
+    def _record(self, rnd: int, cohort: np.ndarray, batch: ResultBatch,
                 aggregate: Aggregate, epsilon: float | None) -> RoundRecord:
-        used = [r for r in results if r.client_id in set(aggregate.client_ids)]
-        w = [client_weight(r, "examples") for r in used]
-        total = sum(w) or 1.0
+        summed = set(aggregate.client_ids)
+        used = [i for i, cid in enumerate(batch.client_ids) if cid in summed]
+        train_loss = 0.0
+        if used and "train_loss" in batch.metrics:
+            part = batch.select(used)
+            w = part.num_examples
+            train_loss = float((w * part.metrics["train_loss"]).sum() / w.sum().clamp_min(1.0))
         record: RoundRecord = {
             "round": rnd,
             "num_sampled": len(cohort),
             "num_clients": aggregate.count,
             "num_dropped": len(cohort) - aggregate.count,
-            "train_loss": sum(wi * r.metrics.get("train_loss", 0.0)
-                              for wi, r in zip(w, used, strict=True)) / total,
+            "train_loss": train_loss,
             "test_accuracy": None,
             "test_loss": None,
             "epsilon": epsilon,
@@ -225,7 +243,8 @@ class Coordinator:
             "round": self.completed_rounds,
             "params": self.params.detach().cpu(),
             "strategy": self.strategy.state_dict(),
-            "client_states": {int(k): v for k, v in self.client_states.items()},
+            "client_states": {int(k): {n: t.detach().cpu() for n, t in v.items()}
+                              for k, v in self.client_states.items()},
             "history": self.history,
             "timings": self.timings,
             "privacy": self.privacy.state_dict(),
@@ -234,7 +253,7 @@ class Coordinator:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint written by :meth:`checkpoint_state`."""
         self.completed_rounds = int(state["round"])
-        self.params = state["params"].to(self.params.dtype)
+        self.params = state["params"].to(dtype=self.params.dtype, device=self.params.device)
         self.strategy.load_state_dict(state["strategy"])
         self.client_states = {int(k): dict(v) for k, v in state["client_states"].items()}
         self.history = list(state["history"])

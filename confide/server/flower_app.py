@@ -24,11 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from confide.client import ClientTask
 from confide.client.flower_app import ERROR_DROPPED
 from confide.client.messages import FINISH, HELLO, TRAIN, JobSpec, decode_result, encode_task
 from confide.exceptions import ProtocolError
-from confide.simulations.executors import ClientOutcome, Executor
+from confide.round import ClientResult, ClientTask, CohortOutcome, Executor, ResultBatch
 
 __all__ = ["NodeDirectory", "GridExecutor", "build_server_app", "discover_nodes"]
 
@@ -112,32 +111,31 @@ class GridExecutor(Executor):
             failed[cid] = "the runtime refused the message"
         return sent, failed
 
-    def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:  # noqa: D102
+    def run_cohort(self, tasks: Sequence[ClientTask]) -> CohortOutcome:  # noqa: D102
         self.nodes.refresh()
-        outcomes: dict[int, ClientOutcome] = {}
+        failures: dict[int, str] = {}
+        results: dict[int, ClientResult] = {}
         messages: list[tuple[int, Message]] = []
         for task in tasks:
             node = self.nodes.node_of(task.client_id)
             if isinstance(node, str):
-                outcomes[task.client_id] = ClientOutcome(task.client_id, failure=node)
+                failures[task.client_id] = node
                 continue
             content = encode_task(task, self.job)
             messages.append((task.client_id, Message(
                 content, dst_node_id=node, message_type=TRAIN, ttl=self.round_timeout,
                 group_id=str(task.server_round))))
         sent, failed = self._push(messages)
-        for cid, why in failed.items():
-            outcomes[cid] = ClientOutcome(cid, failure=why)
+        failures.update(failed)
         replies = self._collect(sent, self.round_timeout)
         for cid in sent.values():
             reply = replies.get(cid)
             if reply is None:
-                outcomes[cid] = ClientOutcome(cid, failure=f"no reply within "
-                                              f"{self.round_timeout:g} s")
+                failures[cid] = f"no reply within {self.round_timeout:g} s"
             elif reply.has_error():
                 err = reply.error
                 kind = "left the round" if err.code == ERROR_DROPPED else "failed"
-                outcomes[cid] = ClientOutcome(cid, failure=f"{kind}: {err.reason}")
+                failures[cid] = f"{kind}: {err.reason}"
             else:
                 try:
                     result = decode_result(reply.content, client_id=cid,
@@ -146,10 +144,13 @@ class GridExecutor(Executor):
                                            with_vectors=self.vectors_in_replies)
                 except ProtocolError as exc:
                     log.warning("client %d sent a malformed reply: %s", cid, exc)
-                    outcomes[cid] = ClientOutcome(cid, failure=f"malformed reply ({exc})")
+                    failures[cid] = f"malformed reply ({exc})"
                     continue
-                outcomes[cid] = ClientOutcome(cid, result=result)
-        return [outcomes[t.client_id] for t in tasks]
+                results[cid] = result
+        # One message per client (a batch of one each), stacked in task order.
+        ordered = [results[t.client_id] for t in tasks if t.client_id in results]
+        dim = self.job.num_params if self.vectors_in_replies else 0
+        return CohortOutcome(ResultBatch.from_results(ordered, dim=dim, device="cpu"), failures)
 
     def exchange(self, stage: str, requests: Mapping[int, RecordDict], *, server_round: int,
                  timeout: float | None = None) -> dict[int, RecordDict | str]:

@@ -7,23 +7,26 @@ same client logic (:func:`confide.client.run_client_task` or an exact vectorised
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from confide.client import ClientPipeline, ClientResult, ClientTask, LocalTrainer, run_client_task
+from confide.client import ClientPipeline, ClientTask, LocalTrainer, run_client_task
 from confide.exceptions import ClientDropped, ConfigError
+from confide.round import ClientResult, CohortOutcome, Executor, ResultBatch
 from confide.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from confide.privacy.base import RoundPrivacy
 
 __all__ = [
     "SimulationContext",
-    "ClientOutcome",
     "Executor",
+    "SimulationExecutor",
     "SequentialExecutor",
     "register_executor",
     "build_executor",
@@ -46,6 +49,10 @@ class SimulationContext:
     trainer_factory: Callable[[nn.Module, torch.device], LocalTrainer] = LocalTrainer
     #: the run's config (executors that need more than the above read it here)
     config: Any = None
+    #: the run's privacy layer (an executor asks it, not a trainer's class, about DP-SGD)
+    privacy: RoundPrivacy | None = None
+    #: length of the flat parameter vector (the job builder's layout)
+    dim: int = 0
 
     def client_data(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training tensors of one client (on the device)."""
@@ -53,32 +60,19 @@ class SimulationContext:
         return self.x_train[idx], self.y_train[idx]
 
 
-@dataclass
-class ClientOutcome:
-    """A client's result, or why it has none (it dropped out)."""
-
-    client_id: int
-    result: ClientResult | None = None
-    failure: str | None = None
-
-
-class Executor(ABC):
-    """Runs a cohort's client tasks and returns one outcome per task."""
-
-    name: str = "base"
+class SimulationExecutor(Executor):
+    """An in-process executor over a :class:`SimulationContext`."""
 
     def __init__(self, context: SimulationContext) -> None:
         self.context = context
 
-    @abstractmethod
-    def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:
-        """Train every task's client; a dropped client yields an outcome with ``failure``."""
-
-    def close(self) -> None:  # noqa: B027 - an optional hook
-        """Release resources (processes, GPU memory)."""
+    @property
+    def device(self) -> torch.device:
+        """Where the cohort is trained (the coordinator keeps the global model there)."""
+        return self.context.device
 
 
-class SequentialExecutor(Executor):
+class SequentialExecutor(SimulationExecutor):
     """One client at a time, in process, on one device."""
 
     name = "sequential"
@@ -87,18 +81,20 @@ class SequentialExecutor(Executor):
         super().__init__(context)
         self.trainer = context.trainer_factory(context.model_factory(), context.device)
 
-    def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:  # noqa: D102
-        outcomes = []
-        for task in tasks:
+    def run_cohort(self, tasks: Sequence[ClientTask]) -> CohortOutcome:  # noqa: D102
+        results: list[ClientResult] = []
+        failures: dict[int, str] = {}
+        for done, task in enumerate(tasks, start=1):
             x, y = self.context.client_data(task.client_id)
             try:
-                result = run_client_task(task, self.trainer, x, y, self.context.strategy,
-                                         self.context.pipeline)
+                results.append(run_client_task(task, self.trainer, x, y, self.context.strategy,
+                                               self.context.pipeline))
             except ClientDropped as exc:
-                outcomes.append(ClientOutcome(task.client_id, failure=str(exc)))
-                continue
-            outcomes.append(ClientOutcome(task.client_id, result=result))
-        return outcomes
+                failures[task.client_id] = str(exc)
+            self._report_progress(done, len(tasks))
+        batch = ResultBatch.from_results(results, dim=self.context.dim,
+                                         device=self.context.device)
+        return CohortOutcome(batch, failures)
 
 
 _EXECUTORS: dict[str, Callable[[SimulationContext], Executor]] = {}

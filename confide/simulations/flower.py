@@ -33,11 +33,11 @@ from confide.client.messages import JobSpec
 from confide.config import dump_config
 from confide.exceptions import ConfigError, RoundFailedError
 from confide.parameters import num_params
+from confide.round import CohortOutcome
 from confide.server.flower_app import NodeDirectory
 from confide.simulations.executors import (
-    ClientOutcome,
-    Executor,
     SimulationContext,
+    SimulationExecutor,
     register_executor,
 )
 
@@ -87,7 +87,7 @@ class _PartitionDirectory(NodeDirectory):
         return sorted(self.mapping.values())
 
 
-class FlowerSimulationExecutor(Executor):
+class FlowerSimulationExecutor(SimulationExecutor):
     """Runs the cohort through Flower's simulation engine (Ray backend)."""
 
     name = "flower"
@@ -178,13 +178,12 @@ class FlowerSimulationExecutor(Executor):
                                       poll_interval=0.01)
 
     # ------------------------------------------------------------------ executor API
-    def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:  # noqa: D102
+    def run_cohort(self, tasks: Sequence[ClientTask]) -> CohortOutcome:  # noqa: D102
         if self._executor is None:
             self._start()
         if not self._errors.empty():
             raise RoundFailedError(f"Flower's simulation engine stopped: {self._errors.get()}")
-        outcomes: list[ClientOutcome] = self._executor.run_clients(tasks)
-        return outcomes
+        return self._executor.run_cohort(tasks)
 
     def close(self) -> None:  # noqa: D102
         self._stop.set()

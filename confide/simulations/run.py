@@ -24,8 +24,8 @@ from confide.exceptions import CheckpointError, ConfigError, DataError
 from confide.models import build_model
 from confide.parameters import get_flat_params, set_flat_params
 from confide.privacy import build_round_privacy
+from confide.round import Aggregator, PlainAggregator
 from confide.seeding import derive_seed
-from confide.server.aggregation import Aggregator, PlainAggregator
 from confide.server.checkpoint import load_checkpoint
 from confide.server.coordinator import Coordinator, RoundRecord
 from confide.server.history import atomic_write_text
@@ -124,7 +124,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     context = SimulationContext(x_train=x_train, y_train=y_train, partitions=parts,
                                 model_factory=model_factory, strategy=strategy,
                                 pipeline=pipeline, device=device,
-                                trainer_factory=privacy.make_trainer, config=cfg)
+                                trainer_factory=privacy.make_trainer, config=cfg,
+                                privacy=privacy, dim=int(params.numel()))
     executor = build_executor(cfg.simulation.executor, context)
 
     eval_model = model_factory().to(device)

@@ -67,13 +67,27 @@ from torch.func import functional_call, grad, vmap
 from confide.client.round import ClientTask, finish_client_task
 from confide.client.trainer import FitOutput, LocalTrainer, TrainSettings
 from confide.exceptions import ClientDropped, ConfigError, DeviceError
+from confide.round import ClientResult, CohortOutcome, ResultBatch
 from confide.simulations.executors import (
-    ClientOutcome,
-    Executor,
     SequentialExecutor,
     SimulationContext,
+    SimulationExecutor,
     register_executor,
 )
+
+
+@dataclass
+class ClientOutcome:
+    """One client's result, or why it has none."""
+
+    client_id: int
+    result: ClientResult | None = None
+    failure: str | None = None
+
+
+def _outcomes(cohort: CohortOutcome) -> list[ClientOutcome]:
+    out = [ClientOutcome(r.client_id, result=r) for r in cohort.batch.results()]
+    return out + [ClientOutcome(c, failure=f) for c, f in cohort.failures.items()]
 
 __all__ = [
     "VectorizedExecutor",
@@ -1442,7 +1456,7 @@ class _Plan:
     corrections: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-class VectorizedExecutor(Executor):
+class VectorizedExecutor(SimulationExecutor):
     """The cohort trained at once with ``torch.func`` on one device, or several ranks."""
 
     name = "vectorized"
@@ -1521,9 +1535,19 @@ class VectorizedExecutor(Executor):
         return chosen
 
     # ------------------------------------------------------------------ a round
-    def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:  # noqa: D102
+    def run_cohort(self, tasks: Sequence[ClientTask]) -> CohortOutcome:  # noqa: D102
         if self.fallback_reason is not None or self.trainer is None:
-            return self._sequential.run_clients(tasks)
+            return self._sequential.run_cohort(tasks)
+        outs = self.run_clients(tasks)
+        return CohortOutcome(
+            ResultBatch.from_results([o.result for o in outs if o.result is not None],
+                                     dim=self.context.dim, device=self.context.device),
+            {o.client_id: o.failure or "" for o in outs if o.result is None})
+
+    def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:
+        """One outcome per task (the cohort trained at once)."""
+        if self.trainer is None:  # pragma: no cover - run_cohort checks first
+            raise RuntimeError("vectorized executor has no trainer")
         start = time.perf_counter()
         compute = 0.0
         ctx = self.context
@@ -1560,9 +1584,11 @@ class VectorizedExecutor(Executor):
                 plan.corrections[slot] = correction
         for plan in plans.values():
             self._run_plan(plan, tasks, outcomes)
-            compute += self.trainer.last_compute_s
+            compute += self.trainer.last_compute_s if self.trainer is not None else 0.0
         if leftovers:
-            done = self._sequential.run_clients([tasks[i] for i in leftovers])
+            done = _outcomes(self._sequential.run_cohort([tasks[i] for i in leftovers]))
+            order = {tasks[i].client_id: k for k, i in enumerate(leftovers)}
+            done.sort(key=lambda o: order[o.client_id])
             for slot, outcome in zip(leftovers, done, strict=True):
                 outcomes[slot] = outcome
         self.stats.append({"clients": float(sum(len(p.jobs) for p in plans.values())),

@@ -16,7 +16,7 @@ from confide.privacy import build_round_privacy
 from confide.privacy.accounting import calibrate_noise_multiplier
 from confide.privacy.central import CentralDP
 from confide.privacy.mechanisms import split_noise_multiplier
-from confide.server.aggregation import Aggregate
+from confide.round import Aggregate
 
 
 def _cfg(*extra):

@@ -16,6 +16,7 @@ from confide.parameters import get_flat_params
 from confide.privacy import build_round_privacy
 from confide.privacy.accounting import compute_epsilon
 from confide.privacy.dpsgd import DPSGDPrivacy, DPSGDTrainer, check_model_for_dp_sgd
+from confide.round import ResultBatch
 from confide.strategies.base import ClientRule
 
 SETTINGS = TrainSettings(epochs=2, batch_size=8, lr=0.1, momentum=0.9)
@@ -129,7 +130,7 @@ def test_per_client_accounts_through_the_pipeline():
             assert all(isinstance(v, int | float) for v in ctx.info.values())
             results.append(ClientResult(client_id=cid, update=update, num_examples=n,
                                         num_steps=out.num_steps, info=ctx.info))
-        privacy.observe_results(results, rnd)
+        privacy.observe_results(ResultBatch.from_results(results), rnd)
         privacy.account(rnd, None)
     eps = privacy.client_epsilons()
     assert eps[0] == pytest.approx(compute_epsilon(noise_multiplier=1.0, sample_rate=1 / 5,
@@ -143,10 +144,10 @@ def test_per_client_accounts_through_the_pipeline():
     # a result that reports no event (or a bogus one) is refused, not counted as free
     bare = ClientResult(client_id=5, update=torch.zeros(3), num_examples=1, num_steps=1)
     with pytest.raises(PrivacyError, match="reported no DP-SGD privacy event"):
-        privacy.observe_results([bare], 3)
+        privacy.observe_results(ResultBatch.from_results([bare]), 3)
     bare.info = {"dp_noise_multiplier": 1.0, "dp_sample_rate": 2.0, "dp_steps": 3}
     with pytest.raises(PrivacyError, match="invalid DP-SGD event"):
-        privacy.observe_results([bare], 3)
+        privacy.observe_results(ResultBatch.from_results([bare]), 3)
 
 
 def test_dp_sgd_needs_noise_or_target():

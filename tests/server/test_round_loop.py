@@ -4,7 +4,6 @@ import pytest
 import torch
 from confide_testing import FAST
 
-from confide.client.round import ClientResult
 from confide.config import load_config
 from confide.exceptions import RoundFailedError
 from confide.simulations.run import build_simulation, run_simulation
@@ -71,15 +70,14 @@ def test_round_below_min_clients_fails_and_keeps_checkpoint(tmp_path):
 def test_non_finite_update_is_excluded(tmp_path):
     sim = build_simulation(load_config(None, [*FAST, "run.rounds=1"]))
     executor = sim.coordinator.executor
-    original = executor.run_clients
+    original = executor.run_cohort
 
     def poisoned(tasks):
-        outcomes = original(tasks)
-        r: ClientResult = outcomes[0].result
-        r.update = torch.full_like(r.update, float("nan"))
-        return outcomes
+        outcome = original(tasks)
+        outcome.batch.updates[0] = float("nan")
+        return outcome
 
-    executor.run_clients = poisoned
+    executor.run_cohort = poisoned
     history = sim.coordinator.run()
     assert history[0]["num_clients"] == 9
     assert torch.isfinite(sim.coordinator.params).all()

@@ -124,14 +124,16 @@ def test_dropped_clients_fail_like_sequential():
              for cid in range(10)]
     seq.coordinator._inject_dropouts(tasks, 7)
     assert any(t.drop_after_steps is not None for t in tasks)
-    a = seq.coordinator.executor.run_clients(tasks)
-    b = vsim.coordinator.executor.run_clients(tasks)
-    assert [(o.client_id, o.failure) for o in a] == [(o.client_id, o.failure) for o in b]
-    for oa, ob in zip(a, b, strict=True):
-        if oa.result is not None:
-            assert torch.allclose(oa.result.update, ob.result.update, rtol=1e-9, atol=1e-12)
-            assert oa.result.num_steps == ob.result.num_steps
-            assert oa.result.metrics == pytest.approx(ob.result.metrics, rel=1e-9)
+    a = seq.coordinator.executor.run_cohort(tasks)
+    b = vsim.coordinator.executor.run_cohort(tasks)
+    assert a.failures == b.failures
+    assert sorted(a.batch.client_ids) == sorted(b.batch.client_ids)
+    ra = {r.client_id: r for r in a.batch.results()}
+    for rb in b.batch.results():
+        oa = ra[rb.client_id]
+        assert torch.allclose(oa.update, rb.update, rtol=1e-9, atol=1e-12)
+        assert oa.num_steps == rb.num_steps
+        assert oa.metrics == pytest.approx(rb.metrics, rel=1e-9)
 
 
 # --------------------------------------------------------------------------- DP-SGD

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from confide.config import SecureAggregationConfig, load_config
 from confide.exceptions import StrategyError
 from confide.privacy.base import RoundPrivacy
-from confide.server.aggregation import PlainAggregator
+from confide.round import PlainAggregator
 from confide.server.coordinator import Coordinator
 from confide.simulations.run import build_simulation
 from confide.strategies import FedMedian, Krum, TrimmedMean, get_strategy

@@ -9,7 +9,7 @@ from confide_testing import FAST
 from confide.client.round import ClientResult
 from confide.config import load_config
 from confide.exceptions import RoundFailedError
-from confide.server.aggregation import PlainAggregator
+from confide.round import PlainAggregator
 from confide.simulations.run import build_simulation
 from confide.strategies import Scaffold, effective_local_steps
 

@@ -20,7 +20,7 @@ Modules, bottom up:
 * :mod:`~confide.privacy.secagg.transport` — :class:`MessagePath` and the in-process path;
   :func:`run_secure_aggregation` drives the stages over any path.
 * :mod:`~confide.privacy.secagg.aggregator` — :class:`SecureAggregator`, the
-  :class:`~confide.server.aggregation.Aggregator` that ``secure_aggregation.enabled`` selects.
+  :class:`~confide.round.Aggregator` that ``secure_aggregation.enabled`` selects.
 
 Driving it over another transport (e.g. Flower's Grid)::
 

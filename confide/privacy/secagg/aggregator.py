@@ -1,6 +1,6 @@
 """The secure aggregator: the coordinator learns only the sum of the cohort's contributions.
 
-:class:`SecureAggregator` implements :class:`confide.server.aggregation.Aggregator` with
+:class:`SecureAggregator` implements :class:`confide.round.Aggregator` with
 SecAgg+ (:mod:`confide.privacy.secagg.protocol`). In simulation every client's side of the
 protocol runs in process over :class:`~confide.privacy.secagg.transport.InProcessMessagePath`;
 the stages and bytes are exactly those a deployment sends over Flower's Grid.
@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from confide.client import ClientResult
 from confide.config import Config
 from confide.exceptions import ConfigError, PrivacyError, RoundFailedError
 from confide.privacy.secagg.graph import graph_parameters
@@ -48,8 +47,8 @@ from confide.privacy.secagg.protocol import (
 )
 from confide.privacy.secagg.quantisation import Quantiser, check_capacity
 from confide.privacy.secagg.transport import InProcessMessagePath, run_secure_aggregation
+from confide.round import Aggregate, Aggregator, ClientResult, ResultBatch
 from confide.seeding import derive_rng
-from confide.server.aggregation import Aggregate, Aggregator, client_weight
 
 __all__ = ["SecureAggregator", "RoundReport", "PROTOCOL_DROPOUT_STAGES", "ENCODED_INFO_KEY"]
 
@@ -164,9 +163,17 @@ class SecureAggregator(Aggregator):
         return degree, t
 
     # ------------------------------------------------------------------ the round
-    def aggregate(self, results: Sequence[ClientResult], *, server_round: int,
+    def aggregate(self, batch: ResultBatch, *, server_round: int,  # type: ignore[override]
                   weighting: str) -> Aggregate:
-        """Run the protocol over ``results`` and decode the sum."""
+        """Run the protocol over the batch's clients and decode the sum.
+
+        Each client's protocol messages are computed from its own row (one device-to-host
+        copy of the batch: the masks and shares are computed by ``cryptography`` on the host).
+        """
+        if isinstance(batch, ResultBatch):
+            results: Sequence[ClientResult] = batch.results()
+        else:  # a deployment's replies, one ClientResult per client
+            results = batch
         results = sorted(results, key=lambda r: r.client_id)
         n = len(results)
         degree, threshold = self.graph_for(n)
@@ -250,7 +257,7 @@ class SecureAggregator(Aggregator):
                     f"-bit secure sum (privacy.mode = 'distributed' encodes it; got {bits!r})")
             return Contribution(update=r.update.detach().cpu().numpy().astype(np.int64),
                                 weight=1)
-        weight = client_weight(r, weighting)
+        weight = float(r.num_examples) if weighting == "examples" else 1.0
         w = int(round(weight))
         if w != weight or w < 0:
             raise RoundFailedError(f"client {r.client_id}'s weight {weight} is not a whole "

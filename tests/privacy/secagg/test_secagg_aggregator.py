@@ -15,7 +15,7 @@ from confide.config import load_config
 from confide.exceptions import ConfigError, RoundFailedError
 from confide.privacy.secagg.aggregator import SecureAggregator
 from confide.privacy.secagg.quantisation import Quantiser
-from confide.server.aggregation import PlainAggregator
+from confide.round import PlainAggregator
 from confide.simulations.run import build_aggregator, run_simulation
 
 

@@ -31,7 +31,7 @@ from confide.privacy.distributed import (
     sample_discrete_gaussian,
     unrotate,
 )
-from confide.server.aggregation import Aggregate
+from confide.round import Aggregate
 from confide.simulations.run import run_simulation
 
 # --------------------------------------------------------------------------- the sampler
