@@ -258,6 +258,9 @@ class CohortOutcome:
 
     batch: ResultBatch
     failures: dict[int, str] = field(default_factory=dict)
+    #: clients trained and already summed elsewhere (other ranks): their finite rows'
+    #: :func:`sum_batch`, all-reduced, so what travels does not grow with the cohort
+    reduced: Aggregate | None = None
 
 
 @dataclass
@@ -287,6 +290,14 @@ class Aggregate:
     def mean_aux(self) -> dict[str, torch.Tensor]:
         """Auxiliary vectors averaged over the contributing clients."""
         return {k: v / max(1, self.count) for k, v in self.aux_sum.items()}
+
+    def __add__(self, other: Aggregate) -> Aggregate:
+        """The aggregate of two disjoint sets of clients (sums add)."""
+        return Aggregate(
+            update_sum=self.update_sum + other.update_sum.to(self.update_sum),
+            weight_sum=self.weight_sum + other.weight_sum, count=self.count + other.count,
+            aux_sum={k: v + other.aux_sum[k].to(v) for k, v in self.aux_sum.items()},
+            client_ids=sorted(self.client_ids + other.client_ids))
 
 
 class Executor(ABC):

@@ -102,12 +102,15 @@ class Coordinator:
         t_train = time.perf_counter()
         outcome = self.executor.run_cohort(tasks)
         t_train = time.perf_counter() - t_train
-        batch = self._accept(outcome.batch, outcome.failures, rnd, len(cohort))
+        reduced = outcome.reduced.count if outcome.reduced is not None else 0
+        batch = self._accept(outcome.batch, outcome.failures, rnd, len(cohort), reduced)
         self.privacy.observe_results(batch, rnd)  # e.g. each client's DP-SGD privacy event
 
         # 5. Aggregate: the coordinator learns only the sum (secure aggregation when enabled).
         aggregate: Aggregate = self.aggregator.aggregate(
             batch, server_round=rnd, weighting=self.privacy.weighting)
+        if outcome.reduced is not None:  # rows summed on other ranks (plain sums only)
+            aggregate = aggregate + outcome.reduced
         self._require_quorum(aggregate.count, rnd, len(cohort))
         if self.strategy.requires_individual_updates:  # robust aggregators (never with SecAgg)
             aggregate.robust_update = self.strategy.aggregate_individual(
@@ -180,7 +183,7 @@ class Coordinator:
             t.drop_after_steps = steps // 2
 
     def _accept(self, batch: ResultBatch, failures: dict[int, str], rnd: int,
-                sampled: int) -> ResultBatch:
+                sampled: int, reduced: int = 0) -> ResultBatch:
         """Keep results with finite updates; a NaN/inf update is rejected, not averaged."""
         for cid, why in failures.items():
             log.info("round %d: client %d dropped (%s)", rnd, cid, why)
@@ -188,7 +191,7 @@ class Coordinator:
         for cid in rejected:
             log.warning("round %d: client %d sent a non-finite update; it is excluded",
                         rnd, cid)
-        self._require_quorum(len(batch), rnd, sampled)
+        self._require_quorum(len(batch) + reduced, rnd, sampled)
         return batch
 
     def _keep_client_states(self, batch: ResultBatch, aggregate: Aggregate) -> None:
