@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from confide.config import load_config
-from confide.simulations.run import run_simulation
+from confide.app.simulate import run_simulation
 
 RoundRecord = dict[str, Any]
 

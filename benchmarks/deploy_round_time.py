@@ -81,7 +81,7 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def _partitions(job: Path, folder: Path) -> list[Path]:
     from confide.config import load_config
-    from confide.simulations.run import build_simulation
+    from confide.app.simulate import build_simulation
 
     sim = build_simulation(load_config(job))
     out = []
@@ -144,7 +144,7 @@ def simulated(rounds: int, *, threads: int) -> dict[str, object]:
     import torch
 
     from confide.config import load_config
-    from confide.simulations.run import build_simulation
+    from confide.app.simulate import build_simulation
 
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.toml"
@@ -164,7 +164,7 @@ def fresh_process_seconds(repeats: int = 3) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import torch, flwr.clientapp, "
-                        "confide.client.flower_app"], check=True)
+                        "confide.app.client_app"], check=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

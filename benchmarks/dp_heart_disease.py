@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from confide.simulations.datasets import load_dataset
-from confide.simulations.run import run_simulation, summarize
+from confide.app.simulate import run_simulation, summarize
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "examples" / "heart-disease.toml"

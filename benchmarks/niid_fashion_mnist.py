@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from _resumable import run_or_resume, write_atomic
 
-from confide.simulations.run import summarize
+from confide.app.simulate import summarize
 
 PUBLISHED = 0.884  # REFERENCES.md: NIID-Bench as reproduced in Flower's baselines, FedAvg Dir(0.5)
 HERE = Path(__file__).resolve().parent

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from confide.simulations.run import run_simulation, summarize
+from confide.app.simulate import run_simulation, summarize
 
 HERE = Path(__file__).resolve().parent
 JOBS: dict[str, tuple[Path | None, list[str]]] = {

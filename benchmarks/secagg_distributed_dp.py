@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from confide.simulations.run import run_simulation
+from confide.app.simulate import run_simulation
 
 HERE = Path(__file__).resolve().parent
 

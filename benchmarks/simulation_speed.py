@@ -27,7 +27,7 @@ A second table times each convolution under ``vmap`` as grouped convolution and 
 batched matmul (what ``simulation.conv_lowering = "auto"`` chooses between).
 
 Needs only torch and numpy beside this repository (no opacus, flwr or cryptography); Flower's
-engine is run when ``confide.simulations.flower`` and ``flwr`` import, and skipped with a note
+engine is run when ``confide.app.flower_sim`` and ``flwr`` import, and skipped with a note
 otherwise. Writes ``benchmarks/results/simulation_speed.{json,md}`` (``--quick``:
 ``simulation_speed_quick.*``)::
 
@@ -64,7 +64,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 from confide.config import load_config  # noqa: E402
 from confide.models import build_model  # noqa: E402
 from confide.simulations.datasets import FASHION_MNIST_DIR, load_dataset  # noqa: E402
-from confide.simulations.run import build_simulation  # noqa: E402
+from confide.app.simulate import build_simulation  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -188,7 +188,7 @@ def run_variant(label: str, overrides: list[str], device: torch.device, flops: f
         try:
             import flwr  # noqa: F401
 
-            import confide.simulations.flower  # noqa: F401
+            import confide.app.flower_sim  # noqa: F401
         except ImportError as exc:
             row["skipped"] = f"Flower's engine is not available here ({exc})"
             return row

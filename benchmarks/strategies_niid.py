@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from _resumable import locked, round_seconds, run_or_resume, write_atomic
 
-from confide.simulations.run import summarize
+from confide.app.simulate import summarize
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "examples" / "fashion-mnist.toml"

@@ -3,11 +3,11 @@
 The curated public API; everything else is importable from its subpackage but not promised.
 """
 
+from confide.app.simulate import build_simulation, run_simulation
 from confide.config import Config, load_config
 from confide.exceptions import ConfideError
 from confide.models import build_model, register_model
 from confide.simulations.executors import register_executor
-from confide.simulations.run import build_simulation, run_simulation
 from confide.strategies import ClientRule, RoundInstructions, Strategy, register_strategy
 
 __version__ = "0.1.0"

@@ -117,8 +117,8 @@ def processes(folder: Path) -> Iterator[Processes]:
 
 def write_partitions(job: Path, folder: Path, overrides: list[str] | None = None) -> list[Path]:
     """The job's simulation partitions as one ``.npz`` (arrays x, y) per client."""
+    from confide.app.simulate import build_simulation
     from confide.config import load_config
-    from confide.simulations.run import build_simulation
 
     sim = build_simulation(load_config(job, overrides or []))
     paths = []

@@ -31,10 +31,10 @@ def audit_command(
         "--output", "-o", help="Also write the result as JSON to this file.")] = None,
 ) -> None:
     """Audit client-level DP empirically with canary clients (one training run)."""
+    from confide.app.audit import run_canary_audit
     from confide.cli.main import console
     from confide.config import load_config
-    from confide.privacy.audit import run_canary_audit
-    from confide.server.history import atomic_write_text
+    from confide.files import atomic_write_text
 
     cfg = load_config(config, set_ or [])
     result = run_canary_audit(cfg, canaries=canaries, confidence=confidence)

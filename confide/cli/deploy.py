@@ -218,7 +218,7 @@ def server_start(
     quiet: QuietOpt = False,
 ) -> None:
     """Start the coordinator (SuperLink, gateway, enrolment) and run the job."""
-    from confide.server.deploy import DeployOptions, run_deployment
+    from confide.app.deploy import DeployOptions, run_deployment
 
     _logging(quiet)
     options = DeployOptions(host=host, port=port, output=output, insecure=insecure,
@@ -314,9 +314,9 @@ def client_start(
     quiet: QuietOpt = False,
 ) -> None:
     """Connect to the coordinator and train on local data until the job ends."""
+    from confide.app.client_app import TaskRunner, build_client_app
     from confide.client.data import LocalDataFile
     from confide.client.enrol import load_identity
-    from confide.client.flower_app import TaskRunner, build_client_app
     from confide.client.node import NodeOptions, run_node
 
     _logging(quiet)

@@ -76,7 +76,7 @@ def simulate(
 ) -> None:
     """Run a federated training job on this machine (simulation mode)."""
     _setup_logging(quiet)
-    from confide.simulations.run import run_simulation, summarize
+    from confide.app.simulate import run_simulation, summarize
 
     progress = Progress(
         TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),

@@ -9,13 +9,13 @@ simulation the data are the coordinator's partitions (:class:`PartitionedData`).
 
 from __future__ import annotations
 
+import csv
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
 from confide.exceptions import DataError
-from confide.simulations.datasets import read_csv_table
 
 __all__ = ["ClientDataSource", "LocalDataFile", "PartitionedData", "read_data_file"]
 
@@ -113,3 +113,13 @@ class PartitionedData(ClientDataSource):
 
     def describe(self) -> str:  # noqa: D102
         return "simulation partition"
+
+
+def read_csv_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows and column names of a CSV file; an unreadable file is a one-line DataError."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            return list(reader), list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{str(path)!r} is not a readable CSV file ({exc})") from None

@@ -9,7 +9,7 @@
 * ``dp-sgd`` — sample-level DP-SGD inside every client through Opacus
   (:class:`confide.privacy.dpsgd.DPSGDPrivacy`), each client's epsilon tracked;
 * ``distributed`` — distributed DP under secure aggregation, built by
-  ``confide.privacy.distributed.build_round_privacy(config, *, num_clients, dataset_size)``
+  ``confide.privacy.distributed.DistributedDP.from_config(config, *, num_clients, dim)``
   when that module is present.
 
 Building blocks for any DP mode, distributed DP included:
@@ -60,9 +60,12 @@ def _refuse_robust_strategy(config: Config) -> None:
             "'dp-sgd'")
 
 
-def build_round_privacy(config: Config, *, num_clients: int, dataset_size: int
-                        ) -> RoundPrivacy:
-    """The privacy hooks for ``config.privacy`` (privacy off: the no-op base)."""
+def build_round_privacy(config: Config, *, num_clients: int, dataset_size: int,
+                        dim: int | None = None) -> RoundPrivacy:
+    """The privacy hooks for ``config.privacy`` (privacy off: the no-op base).
+
+    ``dim`` is the flat parameter count (from the job builder: no data is loaded here).
+    """
     from confide.exceptions import ConfigError
 
     mode = config.privacy.mode
@@ -87,7 +90,9 @@ def build_round_privacy(config: Config, *, num_clients: int, dataset_size: int
                 raise
             raise ConfigError("privacy.mode = 'distributed' is not available in this build; "
                               "use 'central' or 'dp-sgd'") from None
-        return module.build_round_privacy(config, num_clients=num_clients,
-                                          dataset_size=dataset_size)
+        if dim is None:
+            raise ConfigError("privacy.mode = 'distributed' needs the model's parameter count "
+                              "(build the job with confide.app.job.build_job)")
+        return module.DistributedDP.from_config(config, num_clients=num_clients, dim=dim)
     raise ConfigError(f"privacy.mode = {mode!r} is not available; choose one of: 'off', "
                       "'central', 'dp-sgd', 'distributed'")

@@ -36,18 +36,11 @@ import numpy as np
 import torch
 from scipy import stats
 
-from confide.client import ClientResult, ClientTask, TrainSettings
-from confide.client.pipeline import StageContext
-from confide.config import Config, PrivacyConfig
-from confide.exceptions import ConfigError, PrivacyError
-from confide.privacy.accounting import calibrate_noise_multiplier, epsilon_of
-from confide.privacy.central import CentralDP
-from confide.privacy.mechanisms import AdaptiveClipping
-from confide.round import Aggregate, PlainAggregator, ResultBatch
-from confide.seeding import derive_rng, derive_seed
+from confide.exceptions import PrivacyError
+from confide.seeding import derive_seed
 
 __all__ = ["AuditResult", "one_run_p_value", "one_run_epsilon_lower_bound",
-           "guess_epsilon_lower_bound", "gaussian_fit_epsilon", "run_canary_audit"]
+           "guess_epsilon_lower_bound", "gaussian_fit_epsilon", "canary_direction"]
 
 
 # --------------------------------------------------------------------------- statistics
@@ -181,119 +174,8 @@ class AuditResult:
                 for k, v in asdict(self).items()}
 
 
-def _canary_direction(seed: int, index: int, dim: int) -> torch.Tensor:
+def canary_direction(seed: int, index: int, dim: int) -> torch.Tensor:
+    """Canary ``index``'s unit direction in model space (Andrew et al. 2024, Sec. 3)."""
     gen = torch.Generator().manual_seed(derive_seed(seed, "audit-canary", index))
     d = torch.randn(dim, generator=gen, dtype=torch.float64)
     return d / torch.linalg.vector_norm(d)
-
-
-def run_canary_audit(config: Config, *, canaries: int = 1000, confidence: float = 0.95
-                     ) -> AuditResult:
-    """Train ``config``'s federation with ``canaries`` canary clients and audit it."""
-    from confide.privacy import _refuse_robust_strategy
-    from confide.simulations.run import build_simulation
-
-    p = config.privacy
-    if p.mode != "central":
-        raise ConfigError("confide audit checks client-level DP: set privacy.mode = 'central' "
-                          "(privacy.noise_multiplier = 0 audits clipping without noise)")
-    if p.noise_multiplier is None and p.target_epsilon is None:
-        raise ConfigError("confide audit needs privacy.noise_multiplier or "
-                          "privacy.target_epsilon")
-    if canaries < 20:
-        raise ConfigError(f"--canaries = {canaries} is too few for a meaningful bound; use "
-                          "at least 20 (1000 is typical)")
-    if not 0 < confidence < 1:
-        raise ConfigError(f"--confidence = {confidence} must be in (0, 1)")
-    _refuse_robust_strategy(config)
-    seed = config.run.seed
-    rounds = config.run.rounds
-
-    # The real federation, built with privacy off: the audit applies the mechanism itself,
-    # to real clients and canaries alike.
-    sim = build_simulation(config.replace(privacy=PrivacyConfig()))
-    coord = sim.coordinator
-    num_real = len(sim.partitions)
-    q = config.cohort_size() / config.data.num_clients
-    if p.noise_multiplier is not None:
-        z = p.noise_multiplier
-    else:
-        z = calibrate_noise_multiplier(target_epsilon=float(p.target_epsilon),  # type: ignore[arg-type]
-                                       sample_rate=q, steps=rounds, delta=p.delta,
-                                       accountant=p.accountant)
-    included = derive_rng(seed, "audit-membership").random(canaries) < 0.5
-    in_ids = np.flatnonzero(included)
-    # A constant denominator (the expected cohort of the expected population), so that the
-    # output depends on the inclusion bits only through the noised sum.
-    expected = q * (num_real + canaries / 2)
-    adaptive = (AdaptiveClipping(clip_norm=p.clip_norm, target_quantile=p.target_quantile,
-                                 learning_rate=p.clip_learning_rate, expected_clients=expected)
-                if p.adaptive_clipping else None)
-    dp = CentralDP(noise_multiplier=z, clip_norm=p.clip_norm, sample_rate=q,
-                   expected_clients=expected, delta=p.delta, accountant=p.accountant,
-                   seed=derive_seed(seed, "audit-noise"), adaptive=adaptive)
-
-    params0 = coord.params.clone()
-    params = params0.clone()
-    dim = params.numel()
-    strategy = coord.strategy
-    strategy.initialize(params)
-    c = config.client
-    settings = TrainSettings(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                             momentum=c.momentum, weight_decay=c.weight_decay,
-                             optimizer=c.optimizer)
-    try:
-        for rnd in range(1, rounds + 1):
-            rng = derive_rng(seed, "audit-cohort", rnd)
-            real = np.flatnonzero(rng.random(num_real) < q)
-            sampled_canaries = in_ids[rng.random(len(in_ids)) < q]
-            instructions = strategy.configure_round(rnd)
-            tasks = [ClientTask(client_id=int(cid), server_round=rnd, global_params=params,
-                                instructions=instructions, settings=settings,
-                                seed=derive_seed(seed, "client", rnd, int(cid)))
-                     for cid in real]
-            results: list[ClientResult] = []
-            for r in coord.executor.run_cohort(tasks).batch.results():
-                r.update = dp.clip_update(r.update, StageContext(rnd, r.client_id, seed))
-                results.append(r)
-            for j in sampled_canaries:
-                cid = num_real + int(j)
-                update = _canary_direction(seed, int(j), dim).to(params.dtype) * (
-                    1e3 * dp.clip_norm)
-                results.append(ClientResult(
-                    client_id=cid, update=dp.clip_update(update, StageContext(rnd, cid, seed)),
-                    num_examples=1, num_steps=1))
-            if results:
-                aggregate = PlainAggregator().aggregate(
-                    ResultBatch.from_results(results), server_round=rnd, weighting=dp.weighting)
-            else:
-                width = dim + (1 if adaptive is not None else 0)
-                aggregate = Aggregate(update_sum=torch.zeros(width, dtype=params.dtype),
-                                      weight_sum=0.0, count=0)
-            aggregate = dp.process_aggregate(aggregate, rnd)
-            params = strategy.apply(params, aggregate.mean_update(), aggregate.mean_aux(), rnd,
-                                    num_clients=aggregate.count,
-                                    total_clients=num_real + len(in_ids))
-    finally:
-        coord.executor.close()
-
-    delta_w = (params - params0).to(torch.float64)
-    norm = float(torch.linalg.vector_norm(delta_w))
-    scores = np.zeros(canaries)
-    if norm > 0:
-        for start in range(0, canaries, 128):
-            block = torch.stack([_canary_direction(seed, j, dim)
-                                 for j in range(start, min(canaries, start + 128))])
-            scores[start:start + len(block)] = (block @ delta_w).numpy() / norm
-    eps_lb, guesses, correct = guess_epsilon_lower_bound(scores, included, delta=p.delta,
-                                                         confidence=confidence)
-    eps_acct = (math.inf if z == 0 else
-                epsilon_of([(z, q, rounds)], delta=p.delta, accountant=p.accountant))
-    return AuditResult(
-        canaries=canaries, included=int(included.sum()), rounds=rounds, noise_multiplier=z,
-        sample_rate=q, delta=p.delta, confidence=confidence, epsilon_accountant=eps_acct,
-        epsilon_lower_bound=eps_lb, guesses=guesses, correct=correct,
-        epsilon_estimate=gaussian_fit_epsilon(scores[included], scores[~included],
-                                              delta=p.delta),
-        mean_score_included=float(scores[included].mean()) if included.any() else 0.0,
-        mean_score_excluded=float(scores[~included].mean()) if (~included).any() else 0.0)

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from confide.exceptions import PrivacyBudgetExceeded, PrivacyError
+from confide.files import atomic_write_text
 from confide.privacy.accounting import PrivacyEvent, check_delta, epsilon_of, make_accountant
 from confide.privacy.base import RoundPrivacy
-from confide.server.history import atomic_write_text
 
 __all__ = ["LEDGER_NAME", "LEDGER_FORMAT", "PrivacyAccount", "PrivacyLedger",
            "LedgeredPrivacy", "load_ledger"]

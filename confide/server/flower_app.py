@@ -10,8 +10,8 @@ whether the round goes on. :meth:`GridExecutor.exchange` sends any extra protoco
 (secure aggregation's rounds of messages) the same way.
 
 The same executor runs on Flower's deployment runtime (``HttpGrid`` to a SuperLink, see
-:mod:`confide.server.deploy`) and on its simulation engine (``InMemoryGrid`` with Ray, see
-:mod:`confide.simulations.flower`).
+:mod:`confide.app.deploy`) and on its simulation engine (``InMemoryGrid`` with Ray, see
+:mod:`confide.app.flower_sim`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from confide.client.flower_app import ERROR_DROPPED
 from confide.client.messages import FINISH, HELLO, TRAIN, JobSpec, decode_result, encode_task
+from confide.client.session import ERROR_DROPPED
 from confide.exceptions import ProtocolError
 from confide.round import ClientResult, ClientTask, CohortOutcome, Executor, ResultBatch
 
@@ -157,7 +157,7 @@ class GridExecutor(Executor):
         """Send one protocol stage: ``client id -> records`` out, replies (or why none) back.
 
         Each request gets a ``confide.stage`` record naming the client, so the client-side
-        handler (:func:`confide.client.flower_app.register_client_stage`) finds its session.
+        handler (:func:`confide.app.client_app.register_client_stage`) finds its session.
         """
         out: dict[int, RecordDict | str] = {}
         messages: list[tuple[int, Message]] = []

@@ -5,7 +5,7 @@ reply carries counts and metrics only, and the update stays in the client's sess
 coordinator's :class:`DeployedSecureAggregator` then runs the protocol of
 :mod:`confide.privacy.secagg` (the same stages and bytes as in simulation) through a
 :class:`GridMessagePath`: each request goes to the client's node as a ``query.secagg``
-message, whose handler (:func:`confide.client.secagg_stage.handle_secagg_stage`) answers
+message, whose handler (:func:`confide.privacy.secagg.flower_stage.handle_secagg_stage`) answers
 it with a :class:`~confide.privacy.secagg.protocol.SecAggClient` built for that round and
 the client's own contribution. The coordinator learns only the sum (Bell et al. 2020).
 
@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 from flwr.app import RecordDict
 
-from confide.client.secagg_stage import STAGE, pack, unpack
 from confide.config import Config
 from confide.exceptions import ProtocolError
 from confide.privacy.secagg.aggregator import SecureAggregator
+from confide.privacy.secagg.flower_stage import STAGE, pack, unpack
 from confide.privacy.secagg.protocol import Contribution, SecAggClient
 from confide.privacy.secagg.transport import MessagePath
 

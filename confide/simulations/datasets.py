@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from confide.client.data import read_csv_table
 from confide.exceptions import DataError
 
 __all__ = ["FederatedDataset", "load_dataset", "available_datasets", "FASHION_MNIST_DIR"]
@@ -241,16 +242,6 @@ def _user_data(path: str, client_column: str, label_column: str, seed: int,
         natural_clients=natural,
         client_names=[str(n) for n in names] if names is not None else None,
     )
-
-
-def read_csv_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
-    """Rows and column names of a CSV file; an unreadable file is a one-line DataError."""
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            return list(reader), list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{str(path)!r} is not a readable CSV file ({exc})") from None
 
 
 _LOADERS = {"digits": _digits, "fashion-mnist": _fashion_mnist, "heart-disease": _heart_disease}

@@ -113,7 +113,8 @@ def available_executors() -> list[str]:
 
 
 #: executors that live in their own modules, imported on first use
-_LAZY = {"vectorized": "confide.simulations.vectorized", "flower": "confide.simulations.flower"}
+#: (``flower`` registers itself from the top floor: confide.app.flower_sim)
+_LAZY = {"vectorized": "confide.simulations.vectorized"}
 
 
 def build_executor(name: str, context: SimulationContext) -> Executor:

@@ -74,8 +74,8 @@ def _federation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Pat
 
 
 def _simulated_accuracy(job: Path, noise_seed: int | None) -> float:
+    from confide.app.simulate import build_simulation
     from confide.config import load_config
-    from confide.simulations.run import build_simulation
 
     sim = build_simulation(load_config(job))
     if noise_seed is not None:
@@ -84,8 +84,8 @@ def _simulated_accuracy(job: Path, noise_seed: int | None) -> float:
 
 
 def _initial_params(job: Path) -> torch.Tensor:
+    from confide.app.simulate import build_simulation
     from confide.config import load_config
-    from confide.simulations.run import build_simulation
 
     return build_simulation(load_config(job)).coordinator.params
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from confide_testing import assert_one_line_error, run_cli
 
+from confide.app.audit import run_canary_audit
 from confide.config import load_config
 from confide.privacy.audit import (
     gaussian_fit_epsilon,
     guess_epsilon_lower_bound,
     one_run_epsilon_lower_bound,
     one_run_p_value,
-    run_canary_audit,
 )
 
 AUDIT_JOB = ["data.num_clients=20", "cohort.size=10", "run.rounds=5", "client.epochs=1",

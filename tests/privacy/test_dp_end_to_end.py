@@ -32,7 +32,7 @@ def _ledger(run_dir):
 def straight_run(tmp_path_factory):
     import torch
 
-    from confide.simulations.run import run_simulation
+    from confide.app.simulate import run_simulation
 
     out = tmp_path_factory.mktemp("dp") / "straight"
     before = torch.get_num_threads()

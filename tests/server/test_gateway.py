@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from confide.app.deploy import SuperLinkProcess, _Runtime
 from confide.client.enrol import enrol_online, load_identity
 from confide.client.node import NodeOptions, _Fleet, _Refused
 from confide.exceptions import SecurityError
 from confide.server.ca import CertificateAuthority, init_federation, load_federation
-from confide.server.deploy import SuperLinkProcess, _Runtime
 from confide.server.enrolment import EnrolmentAuthority
 from confide.server.gateway import Gateway
 
@@ -99,7 +99,7 @@ def test_bare_superlink_port_lets_anyone_register_and_start_runs(setup):
     from flwr.supercore.control.control_http_client import ControlHttpClient
     from flwr.supercore.fab import Fab
 
-    from confide.server.deploy import _FAB_PYPROJECT
+    from confide.app.deploy import _FAB_PYPROJECT
 
     attacker = ControlHttpClient(f"https://{setup['link'].address}", verify=False)
     try:

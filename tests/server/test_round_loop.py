@@ -4,9 +4,9 @@ import pytest
 import torch
 from confide_testing import FAST
 
+from confide.app.simulate import build_simulation, run_simulation
 from confide.config import load_config
 from confide.exceptions import RoundFailedError
-from confide.simulations.run import build_simulation, run_simulation
 
 
 def _run(tmp_path, name, extra=()):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import json, sys
 from confide.config import load_config
-from confide.simulations.run import build_simulation
+from confide.app.simulate import build_simulation
 overrides = ["run.rounds=2", "data.num_clients=4", "data.partition='iid'", "client.epochs=1",
              "client.device='cpu'", "cohort.size=3"]
 out = {}

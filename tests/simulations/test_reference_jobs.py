@@ -3,7 +3,7 @@
 import pytest
 from confide_testing import ROOT
 
-from confide.simulations.run import run_simulation, summarize
+from confide.app.simulate import run_simulation, summarize
 
 
 @pytest.mark.slow

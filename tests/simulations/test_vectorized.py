@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from confide.app.simulate import build_simulation
 from confide.client.trainer import TrainSettings
 from confide.config import load_config
 from confide.exceptions import DeviceError
 from confide.simulations import vectorized as vec
-from confide.simulations.run import build_simulation
 
 BASE = [
     "run.rounds=3",
@@ -379,7 +379,7 @@ def test_bf16_keeps_accuracy():
 
 
 def test_import_pulls_no_optional_runtime():
-    code = ("import sys, confide.simulations.run, confide.simulations.vectorized; "
+    code = ("import sys, confide.app.simulate, confide.simulations.vectorized; "
             "bad = [m for m in ('opacus', 'flwr', 'cryptography', 'ray') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

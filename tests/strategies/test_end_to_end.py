@@ -6,11 +6,11 @@ import pytest
 import torch
 from confide_testing import FAST
 
+from confide.app.simulate import build_simulation, run_simulation
 from confide.client.pipeline import ClientPipeline
 from confide.client.round import ClientTask, run_client_task
 from confide.client.trainer import LocalTrainer, TrainSettings
 from confide.config import load_config
-from confide.simulations.run import build_simulation, run_simulation
 from confide.strategies import get_strategy
 
 BUILT_INS = ["fedavg", "fedavgm", "fedprox", "fedadagrad", "fedadam", "fedyogi", "scaffold",

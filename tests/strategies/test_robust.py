@@ -6,12 +6,12 @@ from confide_testing import FAST
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from confide.app.simulate import build_simulation
 from confide.config import SecureAggregationConfig, load_config
 from confide.exceptions import StrategyError
 from confide.privacy.base import RoundPrivacy
 from confide.round import PlainAggregator
 from confide.server.coordinator import Coordinator
-from confide.simulations.run import build_simulation
 from confide.strategies import FedMedian, Krum, TrimmedMean, get_strategy
 
 

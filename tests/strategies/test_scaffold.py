@@ -6,11 +6,11 @@ import pytest
 import torch
 from confide_testing import FAST
 
+from confide.app.simulate import build_simulation
 from confide.client.round import ClientResult
 from confide.config import load_config
 from confide.exceptions import RoundFailedError
 from confide.round import PlainAggregator
-from confide.simulations.run import build_simulation
 from confide.strategies import Scaffold, effective_local_steps
 
 LR, STEPS = 0.1, 2  # K η_l = 0.2 without momentum

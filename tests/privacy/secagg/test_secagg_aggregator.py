@@ -10,13 +10,13 @@ from confide_testing import FAST
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from confide.app.simulate import build_aggregator, run_simulation
 from confide.client import ClientResult
 from confide.config import load_config
 from confide.exceptions import ConfigError, RoundFailedError
 from confide.privacy.secagg.aggregator import SecureAggregator
 from confide.privacy.secagg.quantisation import Quantiser
 from confide.round import PlainAggregator
-from confide.simulations.run import build_aggregator, run_simulation
 
 
 def _config(*overrides: str):
@@ -118,7 +118,7 @@ def test_large_weights_are_capped_with_a_warning(caplog):
 
 
 def test_plain_aggregator_refuses_protocol_dropout_stages():
-    from confide.simulations.run import build_simulation
+    from confide.app.simulate import build_simulation
 
     with pytest.raises(ConfigError, match="dropout_stage"):
         build_simulation(load_config(None, [*FAST, "simulation.dropout_stage='share_keys'"]))

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants.analysis import rdp as opacus_rdp
 
+from confide.app.simulate import run_simulation
 from confide.client.pipeline import StageContext
 from confide.config import load_config
 from confide.exceptions import ConfigError
@@ -32,7 +33,6 @@ from confide.privacy.distributed import (
     unrotate,
 )
 from confide.round import Aggregate
-from confide.simulations.run import run_simulation
 
 # --------------------------------------------------------------------------- the sampler
 

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from confide.app.client_app import TaskRunner, build_client_app
 from confide.client import ClientTask
 from confide.client.data import PartitionedData
-from confide.client.flower_app import TaskRunner, build_client_app
 from confide.client.messages import JobSpec
 from confide.config import dump_config
 from confide.exceptions import ConfigError, RoundFailedError

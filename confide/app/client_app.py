@@ -17,21 +17,32 @@ import logging
 import secrets
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from confide.app.job import build_job
 from confide.client.data import ClientDataSource
 from confide.client.messages import JobSpec, decode_task, encode_result
 from confide.client.pipeline import ClientPipeline
 from confide.client.round import ClientResult, ClientTask, run_client_task
+from confide.client.session import (
+    _STAGES,
+    ERROR_DROPPED,
+    ERROR_REFUSED,
+    ClientSession,
+    StageHandler,
+    client_stages,
+    register_client_stage,
+)
 from confide.client.trainer import LocalTrainer
 from confide.config import Config, validate_config
 from confide.exceptions import ClientDropped, ConfideError, ConfigError, ModelError
-from confide.models import available_models, build_model
+from confide.models import available_models
+from confide.privacy.secagg.flower_stage import STAGE, handle_secagg_stage
 
 __all__ = [
     "ClientSession",
@@ -45,40 +56,8 @@ __all__ = [
 
 log = logging.getLogger("confide")
 
-#: Flower Error codes Confide uses in replies (outside Flower's own 0-99 range)
-ERROR_DROPPED = 1001
-ERROR_REFUSED = 1002
-
-StageHandler = Callable[[RecordDict, "ClientSession"], RecordDict]
 #: privacy modes whose noise is drawn on the client from the task's seed
 _CLIENT_NOISE_MODES = ("dp-sgd", "distributed")
-_STAGES: dict[str, StageHandler] = {}
-
-
-def register_client_stage(name: str, handler: StageHandler) -> None:
-    """Register a client-side protocol stage answering ``query.<name>`` messages."""
-    if not name.isidentifier() or name.startswith("confide_"):
-        raise ConfigError(f"stage name {name!r} must be an identifier not starting 'confide_'")
-    if name in _STAGES:
-        raise ConfigError(f"client stage {name!r} is already registered")
-    _STAGES[name] = handler
-
-
-def client_stages() -> dict[str, StageHandler]:
-    """Registered client stages."""
-    return dict(_STAGES)
-
-
-@dataclass
-class ClientSession:
-    """Per-client state kept between messages of a job (never sent as a whole)."""
-
-    client_id: int | None = None
-    job: JobSpec | None = None
-    config: Config | None = None
-    last_task: ClientTask | None = None
-    last_result: ClientResult | None = None
-    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,8 +100,6 @@ class TaskRunner:
         if built is not None:
             return built
         from confide.devices import resolve_device
-        from confide.privacy import build_round_privacy
-        from confide.strategies.registry import get_strategy
 
         try:
             config = validate_config(tomllib.loads(job.config_toml))
@@ -134,23 +111,15 @@ class TaskRunner:
             raise ModelError(f"the job asks for model {name!r}, which this client does not "
                              "allow; start the client with --allow-model " + name)
         device = resolve_device(self.device_spec or config.client.device)
-        dtype = torch.get_default_dtype()
-
-        def model_factory() -> torch.nn.Module:
-            return build_model(name, input_shape=job.input_shape, num_classes=job.num_classes,
-                               hidden_units=config.model.hidden_units).to(dtype)
-
-        strategy = get_strategy(config.strategy.name).from_options(config.strategy.options)
-        privacy = build_round_privacy(config, num_clients=job.num_clients,
-                                      dataset_size=job.dataset_size)
-        trainer = privacy.make_trainer(model_factory(), device)
-        from confide.parameters import num_params
-
-        if num_params(trainer.model) != job.num_params:
+        spec = build_job(config, input_shape=job.input_shape, num_classes=job.num_classes,
+                         num_clients=job.num_clients, dataset_size=job.dataset_size)
+        if spec.dim != job.num_params:
             raise ModelError(f"the job's model has {job.num_params} parameters but this client "
-                             f"builds {num_params(trainer.model)}; versions differ?")
+                             f"builds {spec.dim}; versions differ?")
+        strategy, privacy = spec.strategy, spec.privacy
+        trainer = privacy.make_trainer(spec.model_factory(), device)
         built = _BuiltJob(config=config, strategy=strategy,
-                          pipeline=ClientPipeline(privacy.client_stages()), trainer=trainer,
+                          pipeline=spec.pipeline, trainer=trainer,
                           device=device, weighting=privacy.weighting)
         self._built = {job.digest: built}  # one job at a time
         return built
@@ -229,8 +198,6 @@ def build_client_app(runner: TaskRunner | Callable[[], TaskRunner], *,
     def finish(message: Message, context: Context) -> Message:
         return Message(RecordDict({"confide.finish": ConfigRecord({"ok": True})}),
                        reply_to=message)
-
-    from confide.client.secagg_stage import STAGE, handle_secagg_stage
 
     for name, handler in {STAGE: handle_secagg_stage, **_STAGES}.items():
         _register_stage(app, name, handler, get_runner)

@@ -16,23 +16,19 @@ from typing import Any
 
 import torch
 
-from confide.client.pipeline import ClientPipeline
+from confide.app.job import build_job
 from confide.client.trainer import evaluate_model
 from confide.config import Config, dump_config, load_config
 from confide.devices import resolve_device
 from confide.exceptions import CheckpointError, ConfigError, DataError
-from confide.models import build_model
-from confide.parameters import get_flat_params, set_flat_params
-from confide.privacy import build_round_privacy
+from confide.files import atomic_write_text
+from confide.parameters import set_flat_params
 from confide.round import Aggregator, PlainAggregator
-from confide.seeding import derive_seed
 from confide.server.checkpoint import load_checkpoint
 from confide.server.coordinator import Coordinator, RoundRecord
-from confide.server.history import atomic_write_text
 from confide.simulations.datasets import FederatedDataset, load_dataset
 from confide.simulations.executors import SimulationContext, build_executor
 from confide.simulations.partition import partition, partition_report
-from confide.strategies.registry import get_strategy
 
 __all__ = ["Simulation", "build_simulation", "run_simulation", "new_run_dir", "build_aggregator"]
 
@@ -102,21 +98,12 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     report = partition_report(parts, data.y_train, data.num_classes)
 
     dtype = torch.get_default_dtype()
-
-    def model_factory() -> torch.nn.Module:
-        return build_model(cfg.model.name, input_shape=data.input_shape,
-                           num_classes=data.num_classes, hidden_units=cfg.model.hidden_units
-                           ).to(dtype)
-
-    torch.manual_seed(derive_seed(cfg.run.seed, "model-init"))
+    job = build_job(cfg, input_shape=data.input_shape, num_classes=data.num_classes,
+                    num_clients=cfg.data.num_clients, dataset_size=len(data.y_train))
+    model_factory, strategy, privacy = job.model_factory, job.strategy, job.privacy
     model = model_factory().to(device)
-    params = get_flat_params(model).cpu()
-
-    strategy = get_strategy(cfg.strategy.name).from_options(cfg.strategy.options)
-    strategy.check_compatible(secure_aggregation=cfg.secure_aggregation.enabled)
-    privacy = build_round_privacy(cfg, num_clients=cfg.data.num_clients,
-                                  dataset_size=len(data.y_train))
-    pipeline = ClientPipeline(privacy.client_stages())
+    params = job.params
+    pipeline = job.pipeline
     x_train = torch.as_tensor(data.x_train, dtype=dtype, device=device)
     y_train = torch.as_tensor(data.y_train, device=device)
     x_test = torch.as_tensor(data.x_test, dtype=dtype, device=device)
@@ -126,6 +113,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
                                 pipeline=pipeline, device=device,
                                 trainer_factory=privacy.make_trainer, config=cfg,
                                 privacy=privacy, dim=int(params.numel()))
+    if cfg.simulation.executor == "flower":
+        import confide.app.flower_sim  # noqa: F401 - registers the executor (top floor)
     executor = build_executor(cfg.simulation.executor, context)
 
     eval_model = model_factory().to(device)

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from confide.exceptions import ProtocolError
 
 if TYPE_CHECKING:
-    from confide.client.flower_app import ClientSession
+    from confide.client.session import ClientSession
 
 __all__ = ["STAGE", "pack", "unpack", "handle_secagg_stage"]
 

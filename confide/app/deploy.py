@@ -81,7 +81,7 @@ publisher = "confide"
 
 [tool.flwr.app.components]
 serverapp = "confide.server.flower_app:app"
-clientapp = "confide.client.flower_app:app"
+clientapp = "confide.app.client_app:app"
 
 [tool.flwr.app.config]
 job = ""
@@ -454,8 +454,8 @@ def _evaluation_data(config: Config, test_data: Path | None) -> _Evaluation:
 
 
 def _prepare_run_dir(options: DeployOptions, config: Config) -> Path:
+    from confide.app.simulate import new_run_dir
     from confide.server.history import atomic_write_text
-    from confide.simulations.run import new_run_dir
 
     run_dir = options.output if options.output is not None else new_run_dir(config)
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -490,34 +490,25 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
                    on_round_end: Callable[[dict[str, Any]], None] | None = None
                    ) -> tuple[Path, list[dict[str, Any]]]:
     """Run a job across enrolled clients; returns the run folder and the history."""
+    from confide.app.job import build_job
+    from confide.app.simulate import build_aggregator
     from confide.client.trainer import evaluate_model
-    from confide.models import build_model
-    from confide.parameters import get_flat_params, num_params, set_flat_params
-    from confide.privacy import build_round_privacy
-    from confide.seeding import derive_seed
+    from confide.parameters import set_flat_params
     from confide.server.coordinator import Coordinator
-    from confide.simulations.run import build_aggregator
-    from confide.strategies.registry import get_strategy
 
     # Everything a user can get wrong is checked before anything starts or is written.
     federation = load_federation(ca_dir)
     config = load_config(config_path, overrides or [])
     check_deployable(config)
     evaluation = _evaluation_data(config, options.test_data)
-    strategy = get_strategy(config.strategy.name).from_options(config.strategy.options)
     authority = EnrolmentAuthority(federation)
     n = config.data.num_clients
-    dtype = torch.get_default_dtype()
-
-    def model_factory() -> torch.nn.Module:
-        return build_model(config.model.name, input_shape=evaluation.input_shape,
-                           num_classes=evaluation.num_classes,
-                           hidden_units=config.model.hidden_units).to(dtype)
-
-    torch.manual_seed(derive_seed(config.run.seed, "model-init"))
+    built = build_job(config, input_shape=evaluation.input_shape,
+                      num_classes=evaluation.num_classes, num_clients=n,
+                      dataset_size=evaluation.dataset_size)
+    model_factory, strategy, privacy = built.model_factory, built.strategy, built.privacy
     model = model_factory()
-    params = get_flat_params(model).cpu()
-    privacy = build_round_privacy(config, num_clients=n, dataset_size=evaluation.dataset_size)
+    params = built.params
     if config.privacy.mode == "central":
         from confide.privacy.central import CentralDP
 
@@ -533,7 +524,7 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
     else:
         aggregator = build_aggregator(config)
     job = JobSpec(config_toml=dump_config(config), input_shape=evaluation.input_shape,
-                  num_classes=evaluation.num_classes, num_params=num_params(model),
+                  num_classes=evaluation.num_classes, num_params=built.dim,
                   num_clients=n, dataset_size=evaluation.dataset_size)
     if options.insecure:
         log.warning("--insecure: clients connect WITHOUT TLS; updates and tokens cross the "
@@ -572,7 +563,7 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
             _wait_for_clients(directory, n, config.cohort.min_clients,
                               options.wait_for_clients_s)
 
-            x_test, y_test = evaluation.x.to(dtype), evaluation.y
+            x_test, y_test = evaluation.x.to(params.dtype), evaluation.y
             eval_model = model_factory()
 
             def evaluator(flat: torch.Tensor) -> dict[str, float]:

@@ -1,0 +1,73 @@
+"""The one job builder: model factory, initial weights, strategy, privacy, client pipeline.
+
+Simulation, deployment (coordinator side) and the client side each call :func:`build_job`, so
+a job means the same thing in every runtime: the same model and parameter layout, the same
+seeded initial weights, the same strategy and privacy layer, the same client pipeline.
+The parameter count comes from the model factory alone; no data is loaded here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from confide.client.pipeline import ClientPipeline
+from confide.config import Config
+from confide.models import build_model
+from confide.parameters import get_flat_params
+from confide.privacy import build_round_privacy
+from confide.privacy.base import RoundPrivacy
+from confide.seeding import derive_seed
+from confide.strategies.base import Strategy
+from confide.strategies.registry import get_strategy
+
+__all__ = ["Job", "build_job"]
+
+
+@dataclass
+class Job:
+    """A built job: everything a runtime needs besides data and transport."""
+
+    config: Config
+    input_shape: tuple[int, ...]
+    num_classes: int
+    model_factory: Callable[[], nn.Module]
+    #: the seeded initial global weights, flat, on the CPU
+    params: torch.Tensor
+    strategy: Strategy
+    privacy: RoundPrivacy
+    pipeline: ClientPipeline
+
+    @property
+    def dim(self) -> int:
+        """Length of the flat parameter vector."""
+        return int(self.params.numel())
+
+
+def build_job(config: Config, *, input_shape: tuple[int, ...], num_classes: int,
+              num_clients: int, dataset_size: int) -> Job:
+    """Assemble ``config``'s job for a federation of ``num_clients`` clients.
+
+    ``dataset_size`` is the federation's training-set size (DP modes that need it). The
+    initial weights are drawn from ``run.seed`` (seeding.py), so every runtime starts from
+    the same model.
+    """
+    dtype = torch.get_default_dtype()
+    shape = tuple(int(s) for s in input_shape)
+
+    def model_factory() -> nn.Module:
+        return build_model(config.model.name, input_shape=shape, num_classes=num_classes,
+                           hidden_units=config.model.hidden_units).to(dtype)
+
+    torch.manual_seed(derive_seed(config.run.seed, "model-init"))
+    params = get_flat_params(model_factory()).detach().cpu()
+    strategy = get_strategy(config.strategy.name).from_options(config.strategy.options)
+    strategy.check_compatible(secure_aggregation=config.secure_aggregation.enabled)
+    privacy = build_round_privacy(config, num_clients=num_clients, dataset_size=dataset_size,
+                                  dim=int(params.numel()))
+    return Job(config=config, input_shape=shape, num_classes=int(num_classes),
+               model_factory=model_factory, params=params, strategy=strategy,
+               privacy=privacy, pipeline=ClientPipeline(privacy.client_stages()))
