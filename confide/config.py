@@ -103,6 +103,9 @@ class CohortConfig:
     size: int | float = 1.0
     min_clients: int = _c(1, ge=1)
     sampling: Literal["fixed", "poisson"] = "fixed"
+    #: a round that fails (quorum lost, too few for secure aggregation) is run again this
+    #: many times with a fresh cohort of the live clients before the job stops
+    max_retries: int = _c(2, ge=0)
 
 
 @dataclass(frozen=True)

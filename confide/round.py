@@ -314,6 +314,10 @@ class Executor(ABC):
     def close(self) -> None:  # noqa: B027 - an optional hook
         """Release resources (processes, GPU memory)."""
 
+    def live_clients(self) -> Sequence[int] | None:
+        """Client ids that can take part now (``None``: every client, as in simulation)."""
+        return None
+
     def _report_progress(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(done, total)

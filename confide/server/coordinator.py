@@ -64,6 +64,8 @@ class Coordinator:
     timings: list[dict[str, Any]] = field(default_factory=list)
     client_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     completed_rounds: int = 0
+    #: why the current round's earlier attempts failed (recorded in its history row)
+    _retry_reasons: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -81,21 +83,24 @@ class Coordinator:
             )
 
     # ------------------------------------------------------------------ the round
-    def run_round(self, rnd: int) -> RoundRecord:
-        """One round, DESIGN.md steps 1-9."""
+    def run_round(self, rnd: int, *, attempt: int = 0) -> RoundRecord:
+        """One round, DESIGN.md steps 1-9 (``attempt`` > 0: a retry with a fresh cohort)."""
         cfg, t0 = self.config, time.perf_counter()
         expected = cfg.cohort_size()
         self.privacy.check_budget(rnd, expected)
 
-        # 1. Sample the cohort (Poisson when the accountant needs it), seeded by round.
+        # 1. Sample the cohort (Poisson when the accountant needs it) from the live clients,
+        # seeded by round (and attempt).
+        live = self.executor.live_clients()
         cohort = sample_cohort(num_clients=self.num_clients, size=expected,
                                method=self.privacy.sampling or cfg.cohort.sampling,
-                               seed=cfg.run.seed, server_round=rnd)
+                               seed=cfg.run.seed, server_round=rnd, attempt=attempt,
+                               available=None if live is None else np.asarray(live))
 
         # 2. Configure: the instructions every sampled client gets.
         instructions = self.strategy.configure_round(rnd)
         tasks = [self._task(int(cid), rnd, instructions) for cid in cohort]
-        self._inject_dropouts(tasks, rnd)
+        self._inject_dropouts(tasks, rnd, attempt)
 
         # 3.+4. Local training and the client privacy pipeline, on each client's device;
         # the cohort's results come back as one batch on the training device.
@@ -147,7 +152,7 @@ class Coordinator:
             if self.run_dir is not None:
                 self.privacy.attach_run_dir(self.run_dir)  # the ledger, reconciled on resume
             for rnd in range(self.completed_rounds + 1, last + 1):
-                record = self.run_round(rnd)
+                record = self._run_round_with_retries(rnd)
                 if self.on_round_end is not None:
                     self.on_round_end(record)
         finally:
@@ -155,6 +160,31 @@ class Coordinator:
         if self.run_dir is not None and self.history:
             plot_history(self.run_dir, self.history)
         return self.history
+
+    def _run_round_with_retries(self, rnd: int) -> RoundRecord:
+        """A round that fails (quorum lost, too few clients for secure aggregation) is run
+        again with a fresh cohort, up to ``cohort.max_retries`` times; then the job stops.
+
+        A failed attempt releases nothing (no aggregate leaves the coordinator, no model is
+        updated or saved), so it spends no privacy; the ledger records the attempt that
+        completes. Its reason is logged and kept in the round's history row.
+        """
+        self._retry_reasons = []
+        attempt = 0
+        while True:
+            try:
+                return self.run_round(rnd, attempt=attempt)
+            except RoundFailedError as exc:
+                self._retry_reasons.append(str(exc))
+                live = self.executor.live_clients()
+                alive = self.num_clients if live is None else len(live)
+                if attempt >= self.config.cohort.max_retries or \
+                        alive < self.config.cohort.min_clients:
+                    extra = f" (after {attempt} retries)" if attempt else ""
+                    raise RoundFailedError(f"{exc}{extra}") from None
+                attempt += 1
+                log.warning("round %d failed (%s); retrying with a fresh cohort (%d of %d)",
+                            rnd, exc, attempt, self.config.cohort.max_retries)
 
     # ------------------------------------------------------------------ helpers
     def _task(self, cid: int, rnd: int, instructions: Any) -> ClientTask:
@@ -169,12 +199,13 @@ class Coordinator:
             client_state=self.client_states.get(cid, {}),
         )
 
-    def _inject_dropouts(self, tasks: list[ClientTask], rnd: int) -> None:
+    def _inject_dropouts(self, tasks: list[ClientTask], rnd: int, attempt: int = 0) -> None:
         """Fault injection: ``dropout_rate`` of the sampled clients leave mid-training."""
         sim = self.config.simulation
         if sim.dropout_rate <= 0 or sim.dropout_stage != "training" or not tasks:
             return
-        rng = derive_rng(self.config.run.seed, "dropout", rnd)
+        rng = (derive_rng(self.config.run.seed, "dropout", rnd) if attempt == 0
+               else derive_rng(self.config.run.seed, "dropout", rnd, "retry", attempt))
         n_drop = int(round(sim.dropout_rate * len(tasks)))
         for i in rng.choice(len(tasks), size=n_drop, replace=False):
             t = tasks[int(i)]
@@ -230,6 +261,8 @@ class Coordinator:
             "test_accuracy": None,
             "test_loss": None,
             "epsilon": epsilon,
+            "retries": len(self._retry_reasons),
+            "retry_reasons": " | ".join(self._retry_reasons),
         }
         record.update(self.privacy.round_metrics())
         if self.evaluator is not None and (rnd % self.config.run.eval_every == 0

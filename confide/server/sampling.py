@@ -15,9 +15,12 @@ __all__ = ["sample_cohort"]
 
 
 def sample_cohort(*, num_clients: int, size: int, method: str, seed: int, server_round: int,
-                  available: np.ndarray | None = None) -> np.ndarray:
-    """Client ids sampled for ``server_round`` (sorted)."""
-    rng = derive_rng(seed, "cohort", server_round)
+                  available: np.ndarray | None = None, attempt: int = 0) -> np.ndarray:
+    """Client ids sampled for ``server_round`` (sorted); ``attempt`` > 0 draws the fresh,
+    independent cohort of a retried round.
+    """
+    rng = (derive_rng(seed, "cohort", server_round) if attempt == 0
+           else derive_rng(seed, "cohort", server_round, "retry", attempt))
     pool = np.arange(num_clients) if available is None else np.asarray(available)
     if method == "poisson":
         q = size / num_clients

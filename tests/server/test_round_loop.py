@@ -94,3 +94,33 @@ def test_poisson_cohort_sampling():
              for r in (1, 2)]
     assert all(len(c) == 10 and len(set(c.tolist())) == 10 for c in fixed)
     assert not (fixed[0] == fixed[1]).all()
+
+
+def _first_failing_round(num_clients, size, need, seed=0, rounds=20):
+    """A round whose first Poisson cohort is below ``need`` and whose first retry is not."""
+    from confide.server.sampling import sample_cohort
+
+    for rnd in range(1, rounds + 1):
+        first = sample_cohort(num_clients=num_clients, size=size, method="poisson", seed=seed,
+                              server_round=rnd)
+        retry = sample_cohort(num_clients=num_clients, size=size, method="poisson", seed=seed,
+                              server_round=rnd, attempt=1)
+        if len(first) < need <= len(retry):
+            return rnd
+    raise AssertionError("no such round in range")
+
+
+def test_failed_round_is_retried_with_a_fresh_cohort(tmp_path):
+    job = ["data.num_clients=10", "cohort.size=3", "cohort.sampling='poisson'",
+           "cohort.min_clients=2"]
+    rnd = _first_failing_round(10, 3, 2)
+    run_dir, history = _run(tmp_path, "retry", [*job, f"run.rounds={rnd}"])
+    assert [r["round"] for r in history] == list(range(1, rnd + 1))
+    row = history[rnd - 1]
+    assert row["retries"] >= 1
+    assert "fewer than cohort.min_clients = 2" in row["retry_reasons"]
+    saved = json.loads((run_dir / "history.json").read_text())
+    assert saved[rnd - 1]["retries"] == row["retries"]
+    # without retries the same round ends the job, with the checkpoint of the round before
+    with pytest.raises(RoundFailedError, match=f"round {rnd} failed"):
+        _run(tmp_path, "no-retry", [*job, f"run.rounds={rnd}", "cohort.max_retries=0"])
