@@ -482,6 +482,11 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 16:
         return torch.stack([codes & 0xFF, codes >> 8], dim=-1).reshape(rows, 2 * n).to(
             torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
+        per = 8 // bits
+        padded = torch.nn.functional.pad(codes, (0, (-n) % per)).reshape(rows, -1, per)
+        shifts = torch.arange(per, device=codes.device) * bits
+        return (padded << shifts).sum(dim=-1).to(torch.uint8)
     # A loop over bit positions (at most 16), never over clients.
     planes = torch.stack([((codes >> b) & 1).to(torch.uint8) for b in range(bits)], dim=-1)
     flat = torch.nn.functional.pad(planes.reshape(rows, n * bits), (0, (-n * bits) % 8))
@@ -498,6 +503,10 @@ def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 16:
         pairs = p.reshape(rows, n, 2)
         return pairs[..., 0] | (pairs[..., 1] << 8)
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, device=packed.device) * bits
+        return ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :n]
     shifts = torch.arange(8, device=packed.device)
     flat = ((p.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, : n * bits]
     weights = torch.tensor([1 << b for b in range(bits)], dtype=torch.int64,
@@ -508,19 +517,16 @@ def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2^32`` for ``x < 2^32`` held in int64, without int64 overflow."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return ((x * lo) + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (C. Wellons' "lowbias32", public domain)."""
+    """A 32-bit integer finaliser (C. Wellons' hash-prospector, constants 0x21f0aaad, 0x735a2d97).
+
+    ``x`` holds values < 2^32 in int64; both multipliers are < 2^31, so no product overflows.
+    """
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x.mul_(0x21F0AAAD).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x735A2D97).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 15)
 
 
 def _uniform(round_seed: int, client_ids: torch.Tensor, n: int,
@@ -531,6 +537,6 @@ def _uniform(round_seed: int, client_ids: torch.Tensor, n: int,
     # Mix the coordinate before combining it with the client's key: with a raw index, two
     # clients' streams would be permutations of each other whenever their keys differ only in
     # low bits; mixed, a collision is an isolated coordinate (probability n / 2^32).
-    col = _mix32(torch.arange(n, dtype=torch.int64, device=device) ^ k1).unsqueeze(0)
-    h = _mix32(_mix32(col ^ row) ^ k0)
+    col = _mix32(_mix32(torch.arange(n, dtype=torch.int64, device=device) ^ k1) ^ k0)
+    h = _mix32(col.unsqueeze(0) ^ row)  # one pass over [clients, n]: the costly part
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
