@@ -25,7 +25,10 @@ per-client state, stored like SCAFFOLD's ``c_i`` and saved in the checkpoint.
 payloads: ``randk`` does (shared indices, the masked sum of the values is the sum of values);
 ``qsgd`` with a shared scale does (integer codes summed mod 2^b, see :meth:`UpdateCodec.to_field`,
 field condition ``num_clients * s <= 2^(b-1) - 1``). ``topk`` and ``sign`` cannot:
-:func:`check_secure_aggregation` refuses them with one line saying why.
+:func:`check_secure_aggregation` refuses them with one line saying why. Under SecAgg what
+travels is the masked field words, ``b`` bits per coordinate, not the packed codes: QSGD saves
+bytes there only through a small field, ``b = field_bits_needed(levels=s, num_clients=n)``
+(e.g. an 8-bit field holds ``s = floor(127 / n)`` levels).
 
 Seeds come from the run's seed (:func:`confide.seeding.derive_seed`). Stochastic rounding draws
 its uniforms from a counter-based hash of (round seed, client id, coordinate), so a client's
@@ -56,6 +59,7 @@ __all__ = [
     "UpdateCodec",
     "check_secure_aggregation",
     "field_levels",
+    "field_bits_needed",
     "check_field",
     "count_bytes",
 ]
@@ -99,10 +103,15 @@ def field_levels(*, field_bits: int, num_clients: int) -> int:
     return (2 ** (field_bits - 1) - 1) // max(num_clients, 1)
 
 
+def field_bits_needed(*, levels: int, num_clients: int) -> int:
+    """The smallest field width ``b`` with ``num_clients * levels <= 2^(b-1) - 1``."""
+    return max(2, math.ceil(math.log2(2 * max(num_clients, 1) * levels + 2)))
+
+
 def check_field(*, levels: int, num_clients: int, field_bits: int) -> None:
     """Raise a one-line ConfigError unless ``num_clients`` sums of ``levels`` fit the field."""
     if num_clients * levels > 2 ** (field_bits - 1) - 1:
-        need = math.ceil(math.log2(2 * num_clients * levels + 1))
+        need = field_bits_needed(levels=levels, num_clients=num_clients)
         raise ConfigError(
             f"secure_aggregation.bits = {field_bits} is too small for {num_clients} clients "
             f"with QSGD at {levels} levels: the sum of codes could wrap around Z_2^{field_bits}; "
@@ -251,6 +260,23 @@ class UpdateCodec:
         }[self._layout]
         return per * num_clients
 
+    def sensitivity(self, *, clip_norm: float, dim: int) -> float:
+        """The largest L2 norm of a decoded vector when the input's norm is <= ``clip_norm``.
+
+        top-k, error-feedback random-k and sign never grow the norm (sign: ``||x||_1 /
+        sqrt(d) <= ||x||_2``); rescaled random-k multiplies it by ``d/k``; QSGD moves each
+        coordinate by less than one level, ``scale / s``, and never past ``scale``.
+        """
+        if self.method in ("none", "topk", "sign") or (self.method == "randk"
+                                                       and self.error_feedback):
+            return clip_norm
+        if self.method == "randk":
+            return clip_norm * dim / self.kept(dim)
+        root_d, s = math.sqrt(dim), self.levels
+        if self.scale is None:  # per-vector norm: scale = ||x|| <= clip_norm
+            return clip_norm * min(1 + root_d / s, root_d)
+        return min(clip_norm + self.scale * root_d / s, self.scale * root_d)
+
     def shared_indices(self, dim: int, *, server_round: int,
                        device: torch.device | str = "cpu") -> torch.Tensor:
         """Random-k's coordinates for ``server_round``: the same for every client (sorted)."""
@@ -265,13 +291,15 @@ class UpdateCodec:
 
     def encode(self, updates: torch.Tensor, *, server_round: int,
                client_ids: torch.Tensor | Sequence[int] | int | None = None,
-               residuals: torch.Tensor | None = None,
+               residuals: torch.Tensor | None = None, clip_norm: float | None = None,
                ) -> tuple[CompressedUpdate, torch.Tensor | None]:
         """Compress ``updates`` (``[clients, dim]`` or ``[dim]``).
 
         Returns the payload and, with error feedback, the new residuals (same shape as
         ``updates``; pass them back next time the client trains). ``client_ids`` seed QSGD's
-        stochastic rounding (required for ``qsgd``).
+        stochastic rounding (required for ``qsgd``). ``clip_norm`` (client-level DP) clips
+        each *corrected* vector ``u + e`` to that L2 norm before compressing, so what is sent
+        stays within :meth:`sensitivity`; the part clipped away is dropped, not carried.
         """
         batched = updates.ndim == 2
         x = (updates if batched else updates.reshape(1, -1)).to(torch.float32)
@@ -279,6 +307,11 @@ class UpdateCodec:
             raise ValueError("encode expects a non-empty [clients, dim] batch or one vector")
         if residuals is not None and self.error_feedback:
             x = x + residuals.reshape(x.shape).to(device=x.device, dtype=torch.float32)
+        if clip_norm is not None:
+            # Clip after adding the residual: the residual is not bounded by the clip, so a
+            # clip of u alone would not bound C(u + e) (DP sensitivity, McMahan et al. 2018).
+            norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            x = x * torch.clamp(clip_norm / torch.clamp(norms, min=1e-12), max=1.0)
         dim = x.shape[1]
         arrays: dict[str, torch.Tensor]
         if self.method == "none":

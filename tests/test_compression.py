@@ -14,6 +14,7 @@ from confide.compression import (
     check_field,
     check_secure_aggregation,
     count_bytes,
+    field_bits_needed,
     field_levels,
 )
 from confide.config import load_config
@@ -199,7 +200,7 @@ def test_randk_without_error_feedback_is_rescaled_to_be_unbiased():
        rnd=st.integers(0, 1000))
 def test_qsgd_codes_summed_in_the_field_decode_to_the_sum(clients, bits, dim, rnd):
     codec = UpdateCodec(method="qsgd", bits=bits, scale=1.5, error_feedback=False)
-    field_bits = math.ceil(math.log2(2 * clients * codec.levels + 1))  # smallest that fits
+    field_bits = field_bits_needed(levels=codec.levels, num_clients=clients)  # smallest
     x = torch.randn(clients, dim, generator=torch.Generator().manual_seed(rnd))
     payload, _ = codec.encode(x, server_round=rnd, client_ids=torch.arange(clients))
     words = codec.to_field(payload, field_bits=field_bits)
@@ -355,3 +356,23 @@ def test_codec_settings_are_checked():
                              ({"method": "qsgd", "scale": -1.0}, "positive")]:
         with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("]", r"\]")):
             UpdateCodec(**kwargs)
+
+
+@PROPS
+@given(method=st.sampled_from(["none", "qsgd", "topk", "randk", "sign"]),
+       ef=st.booleans(), shared=st.booleans(), x=vectors(max_dim=50, rows=3),
+       clip=st.floats(1e-3, 100.0), seed=st.integers(0, 1000))
+def test_clipped_encodings_stay_within_the_sensitivity(method, ef, shared, x, clip, seed):
+    codec = UpdateCodec(method=method, bits=3, ratio=0.3, error_feedback=ef,
+                        scale=0.5 if shared and method == "qsgd" else None)
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * 50
+    payload, new_residual = codec.encode(x, server_round=seed, client_ids=[0, 1, 2],
+                                         residuals=residual, clip_norm=clip)
+    norms = torch.linalg.vector_norm(codec.decode(payload).double(), dim=1)
+    bound = codec.sensitivity(clip_norm=clip, dim=x.shape[1])
+    assert float(norms.max()) <= bound * (1 + 1e-5) + 1e-6
+    if ef and method != "none":  # the residual is what the clipped vector did not send
+        clipped = x + residual
+        clipped = clipped * torch.clamp(clip / torch.linalg.vector_norm(clipped, dim=1,
+                                                                         keepdim=True), max=1)
+        assert torch.allclose(codec.decode(payload) + new_residual, clipped, atol=1e-4)
