@@ -151,7 +151,8 @@ class CompressedUpdate:
 
     ``arrays`` is what travels (row ``i`` belongs to the ``i``-th client); everything else is
     known to both sides from the round's configuration (method, bits, dim, the round's seed)
-    and is not counted. ``batched`` is False when one vector was encoded (decode returns
+    and is not counted. A server rebuilding a peer's payload fills those fields from its own
+    round state, never from the peer's message. ``batched`` is False when one vector was encoded (decode returns
     ``[dim]``).
     """
 
@@ -194,6 +195,10 @@ class UpdateCodec:
     """Encodes client updates and decodes payloads (``[compression]`` settings).
 
     ``seed`` is the run's seed; every random choice is derived from it and ``server_round``.
+    ``server_round`` keys the randomness: the round in synchronous runs. In asynchronous
+    (FedBuff) runs use the index of the buffer the update joins, for random-k so that every
+    update summed in one SecAgg instance shares the indices, and for QSGD so that a client's
+    (client, key) pair never repeats.
     """
 
     method: str = "none"
