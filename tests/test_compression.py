@@ -376,3 +376,25 @@ def test_clipped_encodings_stay_within_the_sensitivity(method, ef, shared, x, cl
         clipped = clipped * torch.clamp(clip / torch.linalg.vector_norm(clipped, dim=1,
                                                                          keepdim=True), max=1)
         assert torch.allclose(codec.decode(payload) + new_residual, clipped, atol=1e-4)
+
+
+def test_residual_survives_a_checkpoint(tmp_path):
+    # The residual is client state: saved and reloaded (weights_only, as checkpoints are),
+    # the run continues exactly as if it had not stopped.
+    codec = UpdateCodec(method="qsgd", bits=3, error_feedback=True, seed=2)
+    updates = torch.randn(5, 4, 30, generator=torch.Generator().manual_seed(1))
+
+    def run(rounds, residual):
+        sent = []
+        for t in rounds:
+            payload, residual = codec.encode(updates[t], server_round=t, client_ids=range(4),
+                                             residuals=residual)
+            sent.append(codec.decode(payload))
+        return sent, residual
+
+    straight, _ = run(range(5), None)
+    first, residual = run(range(3), None)
+    torch.save({"compression_residual": residual}, tmp_path / "client_state.pt")
+    loaded = torch.load(tmp_path / "client_state.pt", weights_only=True)["compression_residual"]
+    rest, _ = run(range(3, 5), loaded)
+    assert all(torch.equal(a, b) for a, b in zip(straight, first + rest, strict=True))
