@@ -41,16 +41,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+# The refusal lives in config.py, which validates [compression] when a config is built and must
+# not import this torch module (no import cycle); it is re-exported here for the runtimes.
+from confide.config import Config
+from confide.config import check_compression_with_secure_aggregation as check_secure_aggregation
 from confide.exceptions import ConfigError, ProtocolError
 from confide.seeding import derive_seed
-
-if TYPE_CHECKING:
-    from confide.config import Config
 
 __all__ = [
     "Method",
@@ -76,21 +77,6 @@ _LAYOUT: dict[str, dict[str, torch.dtype]] = {
     "randk": {"values": torch.float32},
     "sign": {"signs": torch.uint8, "scales": torch.float32},
 }
-
-
-def check_secure_aggregation(method: str) -> None:
-    """Raise a one-line ConfigError when ``method`` cannot run under secure aggregation."""
-    if method == "topk":
-        raise ConfigError(
-            "compression.method = 'topk' cannot run with secure aggregation: each client keeps "
-            "different indices, so the pairwise masks would not cancel on a common support and "
-            "the indices themselves would leak which coordinates each client changed most; use "
-            "'randk' (shared indices) or 'qsgd'")
-    if method == "sign":
-        raise ConfigError(
-            "compression.method = 'sign' cannot run with secure aggregation: each client's "
-            "scale differs, so the masked sum of signs does not decode to the sum of updates; "
-            "use 'randk' or 'qsgd'")
 
 
 def field_levels(*, field_bits: int, num_clients: int) -> int:
@@ -152,8 +138,8 @@ class CompressedUpdate:
     ``arrays`` is what travels (row ``i`` belongs to the ``i``-th client); everything else is
     known to both sides from the round's configuration (method, bits, dim, the round's seed)
     and is not counted. A server rebuilding a peer's payload fills those fields from its own
-    round state, never from the peer's message. ``batched`` is False when one vector was encoded (decode returns
-    ``[dim]``).
+    round state, never from the peer's message. ``batched`` is False when one vector was
+    encoded (decode returns ``[dim]``).
     """
 
     method: str

@@ -38,6 +38,7 @@ __all__ = [
     "dump_config",
     "validate_dataclass",
     "check_fedbuff",
+    "check_compression_with_secure_aggregation",
 ]
 
 
@@ -401,15 +402,32 @@ def check_fedbuff(*, buffer_size: int, concurrency: int) -> None:
             "strategy.buffer_size or raise simulation.concurrency")
 
 
+def check_compression_with_secure_aggregation(method: str) -> None:
+    """Raise a one-line ConfigError when compression ``method`` cannot run under SecAgg.
+
+    Secure aggregation reveals only the sum of the clients' vectors, so a codec must decode
+    the sum of payloads (see ``confide.compression``).
+    """
+    if method == "topk":
+        raise ConfigError(
+            "compression.method = 'topk' cannot run with secure aggregation: each client keeps "
+            "different indices, so the pairwise masks would not cancel on a common support and "
+            "the indices themselves would leak which coordinates each client changed most; use "
+            "'randk' (shared indices) or 'qsgd'")
+    if method == "sign":
+        raise ConfigError(
+            "compression.method = 'sign' cannot run with secure aggregation: each client's "
+            "scale differs, so the masked sum of signs does not decode to the sum of updates; "
+            "use 'randk' or 'qsgd'")
+
+
 def _check_compression_and_clock(config: Config) -> None:
     comp, sim = config.compression, config.simulation
     if not 0 < comp.ratio <= 1:  # also catches inf; NaN is refused when coerced
         raise ConfigError(
             f"compression.ratio = {comp.ratio!r} is out of range; it must be in (0, 1]")
     if config.secure_aggregation.enabled:
-        from confide.compression import check_secure_aggregation  # here: it imports torch
-
-        check_secure_aggregation(comp.method)
+        check_compression_with_secure_aggregation(comp.method)
     if sim.concurrency is not None and sim.concurrency > config.data.num_clients:
         raise ConfigError(
             f"simulation.concurrency = {sim.concurrency} is larger than data.num_clients "
