@@ -185,6 +185,16 @@ class UpdateCodec:
     (FedBuff) runs use the index of the buffer the update joins, for random-k so that every
     update summed in one SecAgg instance shares the indices, and for QSGD so that a client's
     (client, key) pair never repeats.
+
+    >>> codec = UpdateCodec(method="randk", ratio=0.5, seed=1)
+    >>> batch = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
+    >>> payload, residual = codec.encode(batch, server_round=0)
+    >>> payload.nbytes  # two float32 values per client; the shared indices are not sent
+    16
+    >>> bool(torch.equal(codec.decode(payload) + residual, batch))  # error feedback keeps the rest
+    True
+    >>> bool(torch.equal(codec.decode(payload.summed()), codec.decode(payload).sum(0)))
+    True
     """
 
     method: str = "none"

@@ -274,6 +274,17 @@ class VirtualClock:
 
     ``start`` schedules a client's task; ``pop_finished`` returns the earliest finish and moves
     ``now`` to it. Ties finish in the order they were started, so a run is deterministic.
+    An asynchronous loop keeps ``concurrency`` clients in flight and restarts one per arrival:
+
+    >>> clock = VirtualClock()
+    >>> for client, seconds in [(0, 3.0), (1, 1.0), (2, 2.0)]:
+    ...     _ = clock.start(client, duration=seconds)
+    >>> clock.pop_finished()  # (virtual time, client): client 1 reports first
+    (1.0, 1)
+    >>> clock.start(1, duration=5.0)  # it starts again from the model current at now = 1.0
+    6.0
+    >>> [clock.pop_finished() for _ in range(3)]
+    [(2.0, 2), (3.0, 0), (6.0, 1)]
     """
 
     def __init__(self, *, start: float = 0.0) -> None:
