@@ -56,6 +56,38 @@ def test_qsgd_unbiased_and_within_lemma_3_1(x, bits, rnd):
 
 
 @PROPS
+@given(x=vectors(max_dim=32), bits=st.sampled_from([2, 3, 4]), rnd=st.integers(0, 10**6),
+       headroom=st.floats(1.0, 4.0))
+def test_qsgd_shared_scale_is_unbiased_inside_the_scale(x, bits, rnd, headroom):
+    scale = headroom * float(x.abs().max())
+    codec = UpdateCodec(method="qsgd", bits=bits, scale=scale, error_feedback=False)
+    draws = 4000
+    payload, _ = codec.encode(x.expand(draws, -1).contiguous(), server_round=rnd,
+                              client_ids=torch.arange(draws))
+    q, v, s = codec.decode(payload).double(), x[0].double(), codec.levels
+    tol = 6 * scale / (2 * s * math.sqrt(draws)) + 1e-4 * scale
+    assert float((q.mean(0) - v).abs().max()) <= tol
+    # Each coordinate rounds between neighbours scale/s apart: variance <= (scale/s)^2 / 4.
+    mse = float(((q - v) ** 2).sum(1).mean())
+    assert mse <= 1.1 * x.shape[1] * (scale / s) ** 2 / 4 + 1e-9
+
+
+def test_rounding_streams_look_uniform_and_independent():
+    from confide.compression import _uniform
+
+    u = _uniform(123456789, torch.arange(64) * 7919, 4096, torch.device("cpu")).double()
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    hist = torch.histc(u, bins=16, min=0, max=1) / u.numel()
+    assert float((hist - 1 / 16).abs().max()) < 0.004
+    centred = u - u.mean(1, keepdim=True)
+    corr = (centred @ centred.T) / (centred.norm(dim=1)[:, None] * centred.norm(dim=1)[None])
+    off = corr[~torch.eye(64, dtype=torch.bool)]
+    assert float(off.abs().max()) < 0.08  # 4096 samples: |r| of independent rows ~ 0.016
+    lag = centred[:, 1:] * centred[:, :-1]
+    assert abs(float(lag.mean())) / float(centred.pow(2).mean()) < 0.01  # no serial pattern
+
+
+@PROPS
 @given(x=vectors(rows=3), bits=st.sampled_from([2, 5, 8, 16]), scale=st.floats(0.5, 2e3))
 def test_qsgd_shared_scale_grid_and_clipping(x, bits, scale):
     codec = UpdateCodec(method="qsgd", bits=bits, scale=scale, error_feedback=False)

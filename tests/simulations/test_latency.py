@@ -51,6 +51,16 @@ def test_the_model_scales_with_work_and_bytes():
     assert np.allclose(flat.down_s, 1.5) and np.allclose(flat.total, 3.5)
 
 
+def test_every_latency_key_reaches_the_model():
+    model = _model("simulation.latency_train_s_per_sample=0.5", "simulation.latency_rtt_s=0.25",
+                   "simulation.latency_speed_sigma=0", "simulation.latency_jitter_sigma=0",
+                   "simulation.latency_network_sigma=0", "simulation.latency_up_bytes_per_s=10",
+                   "simulation.latency_down_bytes_per_s=100")
+    d = model.durations([0, 1], 3, num_samples=4, bytes_up=20, bytes_down=200)
+    assert d.train_s.tolist() == [2.0, 2.0] and d.up_s.tolist() == [2.25, 2.25]
+    assert d.down_s.tolist() == [2.25, 2.25]
+
+
 def test_defaults_are_heavy_tailed_around_the_documented_medians():
     model = _model()
     d = model.durations(range(4000), 0, num_samples=100, bytes_up=1.25e6, bytes_down=0)
