@@ -105,7 +105,8 @@ def check_field(*, levels: int, num_clients: int, field_bits: int) -> None:
 
 
 def count_bytes(payload: Any) -> int:
-    """Bytes a message carries: array data, bytes, UTF-8 text, 8 per number; nested containers.
+    """Bytes a message carries: array data, bytes, UTF-8 text, 8 per number; nested containers
+    (a mapping's keys count as their text).
 
     Counts the payload, not a transport's framing (TLS records, gRPC/protobuf headers). Used by
     every runtime to write ``bytes_up`` / ``bytes_down`` into the history.
@@ -160,7 +161,8 @@ class CompressedUpdate:
     @property
     def num_clients(self) -> int:
         """Rows in the payload."""
-        return next(iter(self.arrays.values())).shape[0]
+        first = next(iter(self.arrays.values()), None)
+        return 0 if first is None else int(first.shape[0])
 
     def summed(self) -> CompressedUpdate:
         """The payload of the sum of this payload's rows (``randk`` and ``none`` only).
