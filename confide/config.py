@@ -30,12 +30,15 @@ __all__ = [
     "SimulationConfig",
     "PrivacyConfig",
     "SecureAggregationConfig",
+    "CompressionConfig",
     "Config",
     "load_config",
     "parse_overrides",
     "config_to_dict",
     "dump_config",
     "validate_dataclass",
+    "check_fedbuff",
+    "check_compression_with_secure_aggregation",
 ]
 
 
@@ -135,6 +138,26 @@ class SimulationConfig:
     conv_lowering: Literal["auto", "grouped", "unfold"] = "auto"
     #: processes, one GPU each, a cohort is split over (torch.distributed, NCCL or gloo)
     world_size: int = _c(1, ge=1)
+    #: clients training at the same time (asynchronous rounds); unset: the cohort size
+    concurrency: int | None = _c(None, ge=1)
+    # The virtual clock's latency model (confide.simulations.latency; defaults cited there):
+    #: "lognormal": the seeded model below; "trace": replay ``latency_trace`` (CSV)
+    latency: Literal["lognormal", "trace"] = "lognormal"
+    #: CSV with columns client_id, train_s, up_s, down_s
+    latency_trace: str | None = None
+    #: median seconds of local training per example processed
+    latency_train_s_per_sample: float = _c(0.005, gt=0)
+    #: log-normal sigma of a client's compute speed (persistent, per client)
+    latency_speed_sigma: float = _c(0.7, ge=0)
+    #: log-normal sigma of each task's jitter around the client's speed
+    latency_jitter_sigma: float = _c(0.25, ge=0)
+    #: median upload / download bandwidth, bytes per second
+    latency_up_bytes_per_s: float = _c(1.25e6, gt=0)
+    latency_down_bytes_per_s: float = _c(5.0e6, gt=0)
+    #: log-normal sigma of a client's bandwidth (persistent and per task, each)
+    latency_network_sigma: float = _c(0.8, ge=0)
+    #: fixed seconds per message each way (connection set-up, round trips)
+    latency_rtt_s: float = _c(0.1, ge=0)
 
 
 @dataclass(frozen=True)
@@ -171,6 +194,22 @@ class SecureAggregationConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """``[compression]``: how clients compress their updates (see ``confide.compression``)."""
+
+    method: Literal["none", "qsgd", "topk", "randk", "sign"] = "none"
+    #: QSGD: bits per coordinate, sign included (2^(bits-1) - 1 levels per sign)
+    bits: int = _c(8, ge=2, le=16)
+    #: top-k / random-k: fraction of coordinates kept, in (0, 1]
+    ratio: float = 0.1
+    #: carry what was not sent to the next round (Karimireddy et al. 2019, EF-SGD)
+    error_feedback: bool = True
+    #: QSGD: a shared scale instead of per-vector norms (under secure aggregation, unset means
+    #: secure_aggregation.clipping_range)
+    scale: float | None = _c(None, gt=0)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run configuration."""
 
@@ -183,6 +222,7 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def replace(self, **sections: Any) -> Config:
         """Return a copy with whole sections replaced (values are re-validated)."""
@@ -347,6 +387,63 @@ def _check_cross_field(config: Config) -> None:
         )
     if config.privacy.target_epsilon is not None and config.privacy.mode == "off":
         raise ConfigError("privacy.target_epsilon is set but privacy.mode is 'off'")
+    _check_compression_and_clock(config)
+
+
+def check_fedbuff(*, buffer_size: int, concurrency: int) -> None:
+    """Raise a one-line ConfigError unless a FedBuff buffer can fill from ``concurrency`` clients.
+
+    FedBuff (Nguyen et al. 2022, Alg. 1) aggregates every ``buffer_size`` arrivals from the
+    ``concurrency`` clients in flight; a buffer larger than that never fills.
+    """
+    if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
+        raise ConfigError(f"strategy.buffer_size = {buffer_size!r} must be a whole number >= 1")
+    if buffer_size > concurrency:
+        raise ConfigError(
+            f"strategy.buffer_size = {buffer_size} is larger than the concurrency "
+            f"({concurrency} clients training at once): the buffer would never fill; lower "
+            "strategy.buffer_size or raise simulation.concurrency")
+
+
+def check_compression_with_secure_aggregation(method: str) -> None:
+    """Raise a one-line ConfigError when compression ``method`` cannot run under SecAgg.
+
+    Secure aggregation reveals only the sum of the clients' vectors, so a codec must decode
+    the sum of payloads (see ``confide.compression``).
+    """
+    if method == "topk":
+        raise ConfigError(
+            "compression.method = 'topk' cannot run with secure aggregation: each client keeps "
+            "different indices, so the pairwise masks would not cancel on a common support and "
+            "the indices themselves would leak which coordinates each client changed most; use "
+            "'randk' (shared indices) or 'qsgd'")
+    if method == "sign":
+        raise ConfigError(
+            "compression.method = 'sign' cannot run with secure aggregation: each client's "
+            "scale differs, so the masked sum of signs does not decode to the sum of updates; "
+            "use 'randk' or 'qsgd'")
+
+
+def _check_compression_and_clock(config: Config) -> None:
+    comp, sim = config.compression, config.simulation
+    if not 0 < comp.ratio <= 1:  # also catches inf; NaN is refused when coerced
+        raise ConfigError(
+            f"compression.ratio = {comp.ratio!r} is out of range; it must be in (0, 1]")
+    if config.secure_aggregation.enabled:
+        check_compression_with_secure_aggregation(comp.method)
+    if sim.concurrency is not None and sim.concurrency > config.data.num_clients:
+        raise ConfigError(
+            f"simulation.concurrency = {sim.concurrency} is larger than data.num_clients "
+            f"({config.data.num_clients})")
+    if sim.latency == "trace" and not sim.latency_trace:
+        raise ConfigError("simulation.latency = 'trace' needs simulation.latency_trace "
+                          "(a CSV file: client_id, train_s, up_s, down_s)")
+    if sim.latency != "trace" and sim.latency_trace:
+        raise ConfigError("simulation.latency_trace is set but simulation.latency is "
+                          f"{sim.latency!r}; set simulation.latency = 'trace'")
+    if config.strategy.name == "fedbuff" and "buffer_size" in config.strategy.options:
+        check_fedbuff(buffer_size=config.strategy.options["buffer_size"],
+                      concurrency=sim.concurrency or config.cohort_size())
 
 
 # --------------------------------------------------------------------------- loading

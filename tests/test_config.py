@@ -82,3 +82,92 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.run.rounds = 5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- compression, clock
+# Issue 14, acceptance 5: bad input is a one-line error, through load_config and the CLI.
+
+COMPRESSION_AND_CLOCK_ERRORS = [
+    (["compression.ratio=0"], "compression.ratio = 0.0 is out of range; it must be in (0, 1]"),
+    (["compression.ratio=1.5"], "compression.ratio = 1.5 is out of range; it must be in (0, 1]"),
+    (["compression.ratio=-0.1"], "it must be in (0, 1]"),
+    (["compression.ratio=inf"], "compression.ratio = inf is out of range"),
+    (["compression.method='topk'", "secure_aggregation.enabled=true"],
+     "'topk' cannot run with secure aggregation: each client keeps different indices"),
+    (["compression.method='sign'", "secure_aggregation.enabled=true"],
+     "'sign' cannot run with secure aggregation"),
+    (["compression.bits=1"], "compression.bits = 1 is out of range"),
+    (["compression.bits=17"], "compression.bits = 17 is out of range"),
+    (["compression.method='gzip'"], "compression.method = 'gzip' is not allowed"),
+    (["compression.scale=0"], "compression.scale = 0.0 is out of range"),
+    (["strategy.name='fedbuff'", "strategy.buffer_size=11", "simulation.concurrency=10"],
+     "strategy.buffer_size = 11 is larger than the concurrency (10 clients"),
+    (["strategy.name='fedbuff'", "strategy.buffer_size=21"],  # concurrency unset: the cohort
+     "strategy.buffer_size = 21 is larger than the concurrency (20 clients"),
+    (["strategy.name='fedbuff'", "strategy.buffer_size=0"], "strategy.buffer_size = 0 must be"),
+    (["simulation.concurrency=21"], "simulation.concurrency = 21 is larger than data.num_clients"),
+    (["simulation.concurrency=0"], "simulation.concurrency = 0 is out of range"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), COMPRESSION_AND_CLOCK_ERRORS)
+def test_compression_and_clock_errors_are_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_compression_and_clock_defaults_and_good_values(tmp_path):
+    cfg = load_config()
+    assert cfg.compression.method == "none" and cfg.compression.error_feedback
+    assert cfg.simulation.concurrency is None and cfg.simulation.latency == "lognormal"
+    good = load_config(None, ["compression.method='randk'", "compression.ratio=1",
+                              "secure_aggregation.enabled=true", "simulation.concurrency=10",
+                              "strategy.name='fedbuff'", "strategy.buffer_size=10"])
+    assert good.compression.ratio == 1.0 and good.strategy.options == {"buffer_size": 10}
+    path = tmp_path / "config.toml"
+    path.write_text(dump_config(good))
+    assert load_config(path) == good  # the new keys survive the run folder's config.toml
+
+
+def test_check_fedbuff_directly():
+    from confide.config import check_fedbuff
+
+    check_fedbuff(buffer_size=10, concurrency=10)
+    with pytest.raises(ConfigError, match="never fill"):
+        check_fedbuff(buffer_size=11, concurrency=10)
+    with pytest.raises(ConfigError, match="whole number"):
+        check_fedbuff(buffer_size=True, concurrency=10)
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["compression.ratio=0"], "must be in (0, 1]"),
+    (["compression.ratio=2"], "must be in (0, 1]"),
+    (["compression.method='topk'", "secure_aggregation.enabled=true"],
+     "cannot run with secure aggregation"),
+    (["strategy.name='fedbuff'", "strategy.buffer_size=11", "simulation.concurrency=10"],
+     "larger than the concurrency"),
+])
+def test_confide_simulate_refuses_with_one_line(overrides, fragment, capsys, tmp_path):
+    from confide_testing import assert_one_line_error, run_cli
+
+    args = ["simulate", "-o", str(tmp_path / "new")]
+    for kv in overrides:
+        args += ["--set", kv]
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err)
+    assert code == 2 and fragment in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_confide_simulate_subprocess_exit_code(tmp_path):
+    import subprocess
+
+    from confide_testing import ROOT, assert_one_line_error, cli_command
+
+    proc = subprocess.run([*cli_command(), "simulate", "-o", str(tmp_path / "new"), "--set",
+                           "compression.ratio=0"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert_one_line_error(proc.returncode, proc.stderr)
+    assert proc.returncode == 2 and "compression.ratio" in proc.stderr
