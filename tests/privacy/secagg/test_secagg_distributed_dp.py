@@ -19,6 +19,7 @@ from confide.app.simulate import run_simulation
 from confide.client.pipeline import StageContext
 from confide.config import load_config
 from confide.exceptions import ConfigError
+from confide.privacy import discrete_gaussian as ddg
 from confide.privacy import distributed as ddp
 from confide.privacy.distributed import (
     DiscreteGaussianShares,
@@ -73,7 +74,7 @@ def test_lazy_comparison_agrees_with_the_float_decision(num, den):
     for u in (0, 2**61, 2**62 - 1, int(p * 2**62 * 0.999), int(p * 2**62 * 1.001)):
         if u >= 2**62:
             continue
-        got = ddp._LazyUniform(u, rng).less_than_exp(num, den)
+        got = ddg._LazyUniform(u, rng).less_than_exp(num, den)
         if (u + 1) / 2**62 < p * (1 - 1e-12):
             assert got
         elif u / 2**62 > p * (1 + 1e-12):
@@ -88,7 +89,7 @@ def test_lazy_comparison_resolves_a_value_on_the_boundary():
         scaled = (-(decimal.Decimal(num) / den)).exp() * 2**62
     u = int(scaled)  # U in [u, u+1) / 2^62 straddles exp(-1/3)
     assert 0.05 < float(scaled - u) < 0.95
-    outcomes = {ddp._LazyUniform(u, np.random.default_rng(i)).less_than_exp(num, den)
+    outcomes = {ddg._LazyUniform(u, np.random.default_rng(i)).less_than_exp(num, den)
                 for i in range(40)}
     assert outcomes == {True, False}
 
@@ -97,7 +98,7 @@ def test_bernoulli_exp_rates():
     rng = np.random.default_rng(1)
     for num, den in [(0, 1), (1, 1), (7, 3), (1, 1000)]:
         n = 200_000
-        hits = ddp._bernoulli_exp(np.full(n, num, dtype=np.int64),
+        hits = ddg._bernoulli_exp(np.full(n, num, dtype=np.int64),
                                   np.full(n, den, dtype=np.int64), rng).mean()
         p = math.exp(-num / den)
         assert abs(hits - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-12
