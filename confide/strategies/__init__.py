@@ -29,6 +29,7 @@ from confide.strategies.base import (
 )
 from confide.strategies.fedavg import FedAvg
 from confide.strategies.fedavgm import FedAvgM
+from confide.strategies.fedbuff import FedBuff
 from confide.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from confide.strategies.fedprox import FedProx
 from confide.strategies.registry import (
@@ -41,7 +42,7 @@ from confide.strategies.registry import (
 from confide.strategies.robust import FedMedian, Krum, TrimmedMean
 from confide.strategies.scaffold import Scaffold
 
-for _cls in (FedAvg, FedAvgM, FedProx, FedAdagrad, FedAdam, FedYogi, Scaffold, FedMedian,
+for _cls in (FedAvg, FedAvgM, FedBuff, FedProx, FedAdagrad, FedAdam, FedYogi, Scaffold, FedMedian,
              TrimmedMean, Krum):
     register_strategy(_cls.name, _cls)
 del _cls
@@ -55,6 +56,7 @@ __all__ = [
     "effective_local_steps",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedProx",
     "FedAdagrad",
     "FedAdam",
