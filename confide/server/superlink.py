@@ -92,9 +92,12 @@ _BASE_URL = "http://superlink"
 #: The child: Flower 1.41's SuperLink app on a Unix socket. It imports no Confide code (and so
 #: no torch), and removes its folder however it exits.
 _CHILD = """
-import shutil, sys
+import shutil, signal, sys
 folder, socket_path = sys.argv[1], sys.argv[2]
 sys.argv = ["flower-superlink", *sys.argv[3:]]
+# uvicorn re-raises the SIGTERM it stopped on once it is done; with the default action that
+# would end the process before the finally clause, so it exits through Python instead.
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 try:
     import uvicorn
     from flwr.supercore.http_logging import get_uvicorn_log_config
