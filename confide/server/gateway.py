@@ -5,7 +5,8 @@ stop runs), its Runtime API (the ServerApp's own channel) and its Fleet API on o
 and its Control API has no authentication without Flower's enterprise plugins. Anyone who
 reaches that port can therefore register a node key, start a run with their own app bundle,
 or read the run's messages (``tests/server/test_gateway.py`` demonstrates it against a bare
-SuperLink). Confide binds the SuperLink to 127.0.0.1 and exposes only this gateway:
+SuperLink). Confide serves the SuperLink on a Unix socket that only the coordinator's uid
+can reach (:mod:`confide.server.superlink`) and exposes only this gateway:
 
 * TLS 1.2+ with the federation's server certificate; a client certificate is requested and,
   when sent, must chain to the federation CA and not be listed in the CRL (checked by
@@ -306,7 +307,7 @@ class Gateway:
             cert = None
             if not self.insecure:
                 tls = TLSStream(reader, writer, self._context())
-                try:
+                try:  # a peer that starts a handshake (RFC 8446, Sec. 4) must finish it in time
                     await asyncio.wait_for(tls.handshake(),
                                            timeout=self.limits.handshake_timeout_s)
                 except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
@@ -323,6 +324,8 @@ class Gateway:
                 try:
                     req = await self._read_head(conn, stream)
                     if req is None:
+                        # RFC 8446, Sec. 6.1: close_notify marks the close as deliberate, so
+                        # the client does not take it for a truncation attack.
                         await stream.close_notify()
                         return
                     route = self._check_head(req, cert)
