@@ -181,7 +181,7 @@ class SuperLinkProcess:
     @property
     def address(self) -> str:
         """``unix:PATH`` of the socket (what :class:`~confide.server.gateway.Gateway` takes)."""
-        return f"unix:{self.socket_path}"
+        return f"unix:{self._socket()}"
 
     def connect(self, client_class: type[_C], **kwargs: Any) -> _C:
         """A Flower protobuf-over-HTTP client (Control, Runtime) talking over the socket."""
