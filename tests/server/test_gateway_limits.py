@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from confide.exceptions import ConfigError
 from confide.server.ca import init_federation, load_federation
@@ -286,3 +288,44 @@ def test_open_connections_are_bounded(start_gateway, fed_dir):
 def test_limits_must_be_positive():
     with pytest.raises(ConfigError, match="max_connections"):
         GatewayLimits(max_connections=0)
+
+
+# ------------------------------------------------------------- routing, for any target
+
+@pytest.fixture(scope="module")
+def router(fed_dir) -> Gateway:
+    """A gateway that is never started: only its routing decision is exercised."""
+    return Gateway(federation=load_federation(fed_dir), host="127.0.0.1", port=0,
+                   upstream=None, insecure=True)
+
+
+_ROUTES = ["/confide/v1/ca", "/confide/v1/enrol", "/v1/fleet/pull-messages",
+           "/v1/fleet/push-object"]
+
+
+@given(target=st.one_of(
+    st.sampled_from(_ROUTES).flatmap(lambda r: st.tuples(
+        st.just(r), st.sampled_from(["", "/", "?", "?x=1", "#f", "%2F", "/.", "//", "%00"]),
+        st.sampled_from(["", "/", "//", "/./"])).map(lambda t: t[2] + t[0].lstrip("/")
+                                                      if t[2] else t[0] + t[1])),
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=1,
+            max_size=40)))
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_request_is_routed_on_its_exact_path_or_refused(router, target):
+    """Whatever the target, a route is chosen only for exactly a route's path, and anything
+    else (query, fragment, doubled or encoded slash, dot segment) is refused from the head."""
+    import h11
+
+    from confide.server.gateway import _Refusal
+
+    gw = router
+    for method in ("GET", "POST"):
+        req = h11.Request(method=method, target=target, headers=[("host", "x"),
+                                                                ("content-length", "0")])
+        try:
+            route = gw._check_head(req, None)  # noqa: SLF001
+        except _Refusal as refusal:
+            assert refusal.status in (400, 403, 404, 405)
+            continue
+        assert route.path == target and route.method == method
