@@ -2,10 +2,10 @@
 
 One process owns the whole coordinator side:
 
-1. a ``flower-superlink`` child process bound to 127.0.0.1 on a free port, with TLS (the
-   federation's loopback certificate), SuperNode authentication, ``--isolation process``
-   (no Flower-launched ServerApp subprocess) and runtime dependency installation off;
-2. the enrolled clients' public keys registered as SuperNodes through the (loopback-only)
+1. a Flower SuperLink child process on a Unix socket in a folder only the coordinator's uid
+   can enter (:mod:`confide.server.superlink`), with SuperNode authentication, ``--isolation
+   process`` (no Flower-launched ServerApp subprocess) and runtime dependency installation off;
+2. the enrolled clients' public keys registered as SuperNodes through the (socket-only)
    Control API, and one run started with a minimal app bundle that names Confide's apps;
 3. the run's task acquired through the Runtime API (its AcquireTask call signed with a
    per-run SuperExec secret) and an ``HttpGrid`` on it;
@@ -24,18 +24,10 @@ the SuperLink, refused by the gateway and left out of the round.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
 import logging
-import os
 import secrets
-import shutil
 import signal
 import socket
-import ssl
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,38 +47,16 @@ from confide.exceptions import (
     DataError,
     RoundFailedError,
 )
-from confide.server.ca import Federation, load_federation
+from confide.server.ca import load_federation
 from confide.server.enrolment import ClientRecord, EnrolmentAuthority
 from confide.server.flower_app import GridExecutor, NodeDirectory, build_server_app
 from confide.server.gateway import Gateway
+from confide.server.superlink import SuperLinkClient, SuperLinkProcess
 
 __all__ = ["DeployOptions", "run_deployment", "SuperLinkProcess", "free_port",
            "check_deployable"]
 
 log = logging.getLogger("confide")
-
-#: The run's app bundle. Flower requires one to start a run; its components are names only:
-#: the coordinator runs Confide's ServerApp in process, and clients never load code from it.
-_FAB_PYPROJECT = """[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "confide-job"
-version = "1.0.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "confide"
-
-[tool.flwr.app.components]
-serverapp = "confide.server.flower_app:app"
-clientapp = "confide.app.client_app:app"
-
-[tool.flwr.app.config]
-job = ""
-"""
-
 
 @dataclass(frozen=True)
 class DeployOptions:
@@ -111,234 +81,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the SuperLink gets SIGTERM if the coordinator dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class SuperLinkProcess:
-    """A loopback-only ``flower-superlink`` child process with TLS and node authentication."""
-
-    def __init__(self, *, federation: Federation, state_dir: Path, log_path: Path,
-                 start_timeout: float = 60.0) -> None:
-        self.federation = federation
-        self.state_dir = state_dir
-        self.log_path = log_path
-        self.start_timeout = start_timeout
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.secret_path = state_dir / "superexec.secret"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
-
-    def start(self) -> None:
-        """Start the SuperLink and wait until its API answers."""
-        p = self.federation.paths
-        fd = os.open(self.secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-        exe = shutil.which("flower-superlink")
-        if exe is None:
-            raise ConfigError("flower-superlink is not installed; install 'confide[flower]'")
-        cmd = [exe, "--host", "127.0.0.1", "--port", str(self.port),
-               "--ssl-certfile", str(p.link_cert), "--ssl-keyfile", str(p.link_key),
-               "--ssl-ca-certfile", str(p.ca_cert), "--enable-supernode-auth",
-               "--isolation", "process", "--disable-runtime-dependency-installation",
-               "--superexec-auth-secret-file", str(self.secret_path)]
-        env = dict(os.environ, FLWR_HOME=str(self.state_dir / "flwr"),
-                   FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # noqa: PLW1509
-        ctx = ssl.create_default_context(cafile=str(p.ca_cert))
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ConfideError(f"the SuperLink exited at start-up (code "
-                                   f"{self.process.returncode}); see {self.log_path}")
-            try:
-                if httpx.get(f"https://{self.address}/health", verify=ctx, timeout=2
-                             ).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise ConfideError(f"the SuperLink did not start within {self.start_timeout:g} s; "
-                           f"see {self.log_path}")
-
-    def stop(self) -> None:
-        """Terminate the SuperLink (and kill it if it lingers)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def _fast_pull_grid_class() -> type:
-    """Flower's ``HttpGrid`` pulling reply objects with a 10 ms back-off instead of 1 s.
-
-    A reply's message header can reach the SuperLink a few milliseconds before its objects
-    do; ``HttpGrid.pull_messages`` then retries after Flower's default 1 s back-off, which
-    alone would exceed a round's time budget on a fast network. Same protocol, same checks.
-    """
-    from flwr.app.message import Message
-    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest
-    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import (
-        ObjectPullError,
-        inflate_object_from_contents,
-        pull_objects,
-    )
-    from flwr.superlink.grid import HttpGrid
-
-    class FastPullHttpGrid(HttpGrid):
-        def pull_messages(self, message_ids: Any) -> list[Message]:
-            run_id = self.run.run_id
-            res = self._runtime_client.PullMessages(
-                PullAppMessagesRequest(message_ids=list(message_ids)))
-            out: list[Message] = []
-            for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
-                mid = proto.metadata.message_id
-                try:
-                    contents = pull_objects(
-                        [t.object_id for t in iterate_object_tree(tree)],
-                        pull_object_fn=make_pull_object_fn_protobuf(
-                            self._runtime_client.PullObject, self.node, run_id),
-                        initial_backoff=0.01, backoff_cap=0.5, max_time=60)
-                except ObjectPullError as exc:  # the reply counts as missing
-                    log.warning("a reply's objects never arrived: %s", exc)
-                    continue
-                self._runtime_client.ConfirmMessageReceived(ConfirmMessageReceivedRequest(
-                    node=self.node, run_id=run_id, message_object_id=mid))
-                message: Any = inflate_object_from_contents(mid, contents)
-                message.metadata.__dict__["_message_id"] = mid
-                out.append(message)
-            return out
-
-    return FastPullHttpGrid
-
-
-class _Runtime:
-    """The coordinator's loopback clients of the SuperLink's Control and Runtime APIs."""
-
-    def __init__(self, link: SuperLinkProcess) -> None:
-        from flwr.supercore.control.control_http_client import ControlHttpClient
-
-        self.link = link
-        self.ca_pem = link.federation.paths.ca_cert.read_bytes()
-        self.control = ControlHttpClient(f"https://{link.address}",
-                                         verify=str(link.federation.paths.ca_cert))
-        self.grid: Any = None
-        self._heartbeat: Any = None
-
-    def register(self, record: ClientRecord) -> int:
-        """Register an enrolled client's key as a SuperNode; returns its node id."""
-        from flwr.proto.control_pb2 import RegisterNodeRequest
-
-        res = self.control.RegisterNode(RegisterNodeRequest(
-            public_key=record.public_key.encode("ascii"), name=record.name))
-        return int(res.node_id)
-
-    def unregister(self, node_id: int) -> None:
-        """Remove a SuperNode (its authenticated requests fail from now on)."""
-        from flwr.proto.control_pb2 import UnregisterNodeRequest
-
-        self.control.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
-
-    def start_run(self, job_digest: str) -> Any:
-        """Start the run and take its ServerApp task; returns the connected HttpGrid."""
-        from flwr.cli.build import build_fab_from_files
-        from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
-        from flwr.proto.control_pb2 import StartRunRequest
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest
-        from flwr.supercore.constant import TaskType
-        from flwr.supercore.fab import Fab
-        from flwr.supercore.heartbeat import HeartbeatSender
-        from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
-        from flwr.supercore.runtime import RuntimeHttpClient
-        from flwr.supercore.task_identity import TaskIdentity
-
-        fab_bytes, _ = build_fab_from_files({"pyproject.toml": _FAB_PYPROJECT.encode()})
-        fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-        res = self.control.StartRun(StartRunRequest(
-            fab=fab_to_proto(fab), override_config=user_config_to_proto({"job": job_digest})))
-        if not res.HasField("run_id"):
-            raise ConfideError("the SuperLink refused to start the run")
-        secret = self.link.secret_path.read_bytes()
-        runtime = RuntimeHttpClient.from_server_address(
-            server_address=self.link.address, insecure=False, root_certificates=self.ca_pem,
-            interceptors=[SuperExecAuthHttpInterceptor(
-                master_secret=secret,
-                protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}))])
-        token = ""
-        deadline = time.monotonic() + 30
-        while not token and time.monotonic() < deadline:
-            acquired = runtime.AcquireTask(AcquireTaskRequest(
-                supported_task_types=[TaskType.SERVER_APP.value]))
-            token = acquired.token
-            if not token:
-                time.sleep(0.1)
-        runtime.close()
-        if not token:
-            raise ConfideError("could not acquire the run's ServerApp task from the SuperLink")
-        grid = _fast_pull_grid_class()(self.link.address, insecure=False,
-                                       root_certificates=self.ca_pem, token=token)
-        task = grid._runtime_client.PullTaskInput(PullTaskInputRequest())  # noqa: SLF001
-        run = run_from_proto(task.run)
-        TaskIdentity.task_id = task.task_id
-        TaskIdentity.run_id = run.run_id
-        TaskIdentity.node_id = task.context.node_id
-        grid.set_run(run)
-        self.grid = grid
-        self._heartbeat = HeartbeatSender(self._task_heartbeat)
-        self._heartbeat.start()
-        return grid
-
-    def _task_heartbeat(self) -> bool:
-        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
-
-        try:
-            res = self.grid._runtime_client.SendTaskHeartbeat(  # noqa: SLF001
-                SendTaskHeartbeatRequest())
-        except httpx.HTTPError:
-            return False
-        return bool(res.success)
-
-    def finish_run(self, *, ok: bool, details: str) -> None:
-        """Record the task's final status and close the Runtime connection."""
-        from flwr.common.constant import SubStatus
-        from flwr.proto.runtime_pb2 import PushTaskOutputRequest
-
-        if self._heartbeat is not None and self._heartbeat.is_running:
-            self._heartbeat.stop()
-        if self.grid is not None:
-            with contextlib.suppress(httpx.HTTPError):
-                self.grid._retry_invoker.max_tries = 1  # noqa: SLF001
-                self.grid._runtime_client.PushTaskOutput(PushTaskOutputRequest(  # noqa: SLF001
-                    sub_status=SubStatus.COMPLETED if ok else SubStatus.FAILED,
-                    details=details))
-            self.grid.close()
-        self.control.close()
-
-
 class _EnrolledClients(NodeDirectory):
     """Client ids are enrolment order; node ids come from registering the enrolled keys."""
 
-    def __init__(self, *, authority: EnrolmentAuthority, runtime: _Runtime, size: int) -> None:
+    def __init__(self, *, authority: EnrolmentAuthority, runtime: SuperLinkClient,
+                 size: int) -> None:
         self.authority = authority
         self.runtime = runtime
         self.size = size
@@ -533,18 +280,16 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
     authority.refresh_crl()
 
     run_dir = _prepare_run_dir(options, config)
-    state_dir = Path(tempfile.mkdtemp(prefix="confide-link-"))
-    link = SuperLinkProcess(federation=federation, state_dir=state_dir,
-                            log_path=run_dir / "superlink.log",
+    link = SuperLinkProcess(federation=federation, log_path=run_dir / "superlink.log",
                             start_timeout=options.superlink_start_timeout_s)
     gateway: Gateway | None = None
-    runtime: _Runtime | None = None
+    runtime: SuperLinkClient | None = None
     ok, details = False, "stopped"
     history: list[dict[str, Any]] = []
     with _terminate_on_sigterm():
         try:
             link.start()
-            runtime = _Runtime(link)
+            runtime = SuperLinkClient(link)
             grid = runtime.start_run(job.digest)
             directory = _EnrolledClients(authority=authority, runtime=runtime, size=n)
             directory.admit()
@@ -611,8 +356,7 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
                 runtime.finish_run(ok=ok, details=details)
             if gateway is not None:
                 gateway.stop()
-            link.stop()
-            shutil.rmtree(state_dir, ignore_errors=True)
+            link.stop()  # and removes its folder (confide.server.superlink)
     return run_dir, history
 
 

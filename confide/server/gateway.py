@@ -5,7 +5,8 @@ stop runs), its Runtime API (the ServerApp's own channel) and its Fleet API on o
 and its Control API has no authentication without Flower's enterprise plugins. Anyone who
 reaches that port can therefore register a node key, start a run with their own app bundle,
 or read the run's messages (``tests/server/test_gateway.py`` demonstrates it against a bare
-SuperLink). Confide binds the SuperLink to 127.0.0.1 and exposes only this gateway:
+SuperLink). Confide serves the SuperLink on a Unix socket that only the coordinator's uid
+can reach (:mod:`confide.server.superlink`) and exposes only this gateway:
 
 * TLS 1.2+ with the federation's server certificate; a client certificate is requested and,
   when sent, must chain to the federation CA and not be listed in the CRL (checked by
@@ -19,6 +20,12 @@ SuperLink). Confide binds the SuperLink to 127.0.0.1 and exposes only this gatew
   key (a client cannot act as another node). ``register-node``/``unregister-node`` are not
   forwarded: the coordinator registers enrolled keys itself;
 * every other path (Control, Runtime, health, docs) answers 404.
+
+Before a client is authenticated it costs little (:class:`GatewayLimits`): a request is routed
+on its exact path and authorised from its request line and headers, and refused (400, 403,
+404, 405, 413) before a byte of its body is read; an admitted body is held to its route's
+limit as it arrives. Handshakes, idle connections, heads and bodies have deadlines, and open
+connections are bounded.
 
 With ``--insecure`` the gateway speaks plain HTTP (it warns) and identifies clients by the
 Flower node-authentication key alone; the SuperLink still verifies the signatures.
@@ -36,6 +43,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
 import h11
@@ -43,11 +51,12 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from confide.exceptions import ConfideError, SecurityError
+from confide.exceptions import ConfideError, ConfigError, SecurityError
 from confide.server.ca import Federation, same_public_key
 from confide.server.enrolment import ClientRecord, EnrolmentAuthority, Registry
+from confide.server.tls_stream import PlainStream, Stream, TLSStream
 
-__all__ = ["Gateway", "FLEET_ROUTES", "server_tls_context"]
+__all__ = ["Gateway", "GatewayLimits", "FLEET_ROUTES", "server_tls_context"]
 
 log = logging.getLogger("confide.gateway")
 
@@ -59,9 +68,7 @@ ENROL_PATH = "/confide/v1/enrol"
 CA_PATH = "/confide/v1/ca"
 PUBLIC_KEY_HEADER = "flwr-public-key"
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-               "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
-_MAX_ENROL_BODY = 64 * 1024
-_HANDSHAKE_TIMEOUT = 15.0
+               "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"}
 
 
 def server_tls_context(federation: Federation) -> ssl.SSLContext:
@@ -91,99 +98,65 @@ def _error(status: int, message: str) -> _Response:
     return _Response(status, [("content-type", "application/json")], body)
 
 
-class _Stream:
-    """The byte stream of one connection (plain TCP or TLS)."""
+@dataclass(frozen=True)
+class GatewayLimits:
+    """What a connection may cost the gateway, above all before it is authenticated.
 
-    async def read(self) -> bytes:
-        raise NotImplementedError
-
-    async def write(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    async def close_notify(self) -> None:
-        """Say goodbye at the TLS layer (nothing for plain TCP)."""
-
-
-class _PlainStream(_Stream):
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def read(self) -> bytes:
-        return await self.reader.read(65536)
-
-    async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-
-class _TLSStream(_Stream):
-    """Server-side TLS over memory BIOs.
-
-    asyncio's own TLS layer closes a connection whose handshake failed without sending the
-    TLS alert OpenSSL produced, so a refused client would only see "disconnected". Driving
-    ``SSLObject`` directly lets the alert (``certificate revoked``, ``unknown ca`` ...; RFC
-    8446, Sec. 6.2) reach the client before the connection closes.
+    Every deadline is in seconds. A body's deadline grows with what arrives: it gets
+    ``body_timeout_s`` plus one second per ``min_transfer_rate`` bytes received (the rule of
+    Apache's ``mod_reqtimeout``), so a slow but steady upload of a large update succeeds and
+    a body sent a byte at a time does not hold a connection; responses are written under the
+    same rule with ``send_timeout_s``.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 context: ssl.SSLContext) -> None:
-        self.reader, self.writer = reader, writer
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
+    min_transfer_rate: int = 64 * 1024
+    max_connections: int = 256
+    max_header_bytes: int = 16 * 1024
+    max_enrol_body_bytes: int = 64 * 1024
+    max_fleet_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 256 * 1024 * 1024
+    linger_s: float = 1.0
+    linger_bytes: int = 1024 * 1024
 
-    async def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            self.writer.write(data)
-            await self.writer.drain()
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ConfigError(f"gateway limit {name} must be positive, not {value!r}")
 
-    async def _fill(self) -> bool:
-        data = await self.reader.read(65536)
-        if not data:
-            self.incoming.write_eof()
-            return False
-        self.incoming.write(data)
-        return True
 
-    async def handshake(self) -> None:
-        while True:
-            try:
-                self.tls.do_handshake()
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
-                    raise ConnectionError("the client closed the connection") from None
-                continue
-            except ssl.SSLError:
-                with contextlib.suppress(ConnectionError, OSError):
-                    await self._flush()  # the alert that tells the client why
-                raise
-            await self._flush()
-            return
+@dataclass(frozen=True)
+class _Route:
+    path: str
+    method: str
+    max_body: int
+    fleet: bool  # forwarded to the SuperLink for an authorised client
 
-    def peer_certificate(self) -> bytes | None:
-        return self.tls.getpeercert(binary_form=True)
 
-    async def read(self) -> bytes:
-        while True:
-            try:
-                return self.tls.read(65536)
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
-                    return b""
-            except ssl.SSLZeroReturnError:
-                return b""
+#: Fleet routes whose bodies carry model objects; the others carry small protobufs.
+_BULK_FLEET_ROUTES = frozenset({"/v1/fleet/push-object", "/v1/fleet/push-messages"})
 
-    async def write(self, data: bytes) -> None:
-        self.tls.write(data)
-        await self._flush()
 
-    async def close_notify(self) -> None:
-        with contextlib.suppress(ssl.SSLError, ConnectionError, OSError):
-            self.tls.unwrap()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._flush()
+def _route_table(limits: GatewayLimits) -> dict[str, _Route]:
+    routes = {CA_PATH: _Route(CA_PATH, "GET", 0, fleet=False),
+              ENROL_PATH: _Route(ENROL_PATH, "POST", limits.max_enrol_body_bytes, fleet=False)}
+    for path in FLEET_ROUTES:
+        size = limits.max_body_bytes if path in _BULK_FLEET_ROUTES else limits.max_fleet_body_bytes
+        routes[path] = _Route(path, "POST", size, fleet=True)
+    return routes
+
+
+class _Refusal(Exception):  # noqa: N818 - control flow inside the gateway, never raised out
+    """A request refused before it was served; the connection closes after the answer."""
+
+    def __init__(self, status: int, message: str, reason: str,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.status, self.message, self.reason, self.headers = status, message, reason, headers
 
 
 class Gateway:
@@ -192,16 +165,18 @@ class Gateway:
     def __init__(self, *, federation: Federation, host: str, port: int, upstream: str | None,
                  insecure: bool = False, authority: EnrolmentAuthority | None = None,
                  on_enrolled: Callable[[ClientRecord], None] | None = None,
-                 max_body_bytes: int = 256 * 1024 * 1024,
+                 limits: GatewayLimits | None = None,
                  upstream_timeout: float = 120.0) -> None:
         self.federation = federation
         self.host, self.port = host, port
+        #: the SuperLink: ``unix:PATH`` (its socket, see confide.server.superlink) or host:port
         self.upstream = upstream
         self.insecure = insecure
         self.authority = authority or EnrolmentAuthority(federation)
         self.registry: Registry = self.authority.registry
         self.on_enrolled = on_enrolled
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits or GatewayLimits()
+        self._routes = _route_table(self.limits)
         self.upstream_timeout = upstream_timeout
         self._ctx: ssl.SSLContext | None = None
         self._ctx_stamp: tuple[float, int] | None = None
@@ -214,6 +189,7 @@ class Gateway:
         self._client: httpx.AsyncClient | None = None
         self._ca_pem = federation.ca_pem()
         self.bound_port: int | None = None
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         #: counts of refused connections/requests, for tests and the operator's log
         self.refusals: dict[str, int] = {}
 
@@ -250,18 +226,31 @@ class Gateway:
             else:
                 log.error("gateway stopped: %s", exc)
 
+    def _upstream_client(self, upstream: str) -> httpx.AsyncClient:
+        if upstream.startswith("unix:"):
+            # The SuperLink's socket lies in a folder only the coordinator's uid can enter;
+            # the kernel authenticates this hop, so it carries plain HTTP.
+            return httpx.AsyncClient(base_url="http://superlink", timeout=self.upstream_timeout,
+                                     transport=httpx.AsyncHTTPTransport(uds=upstream[5:]))
+        upstream_ctx = ssl.create_default_context(cafile=str(self.federation.paths.ca_cert))
+        return httpx.AsyncClient(base_url=f"https://{upstream}", verify=upstream_ctx,
+                                 timeout=self.upstream_timeout)
+
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         if not self.insecure:
             self._context()  # fail early on unreadable certificates
         if self.upstream is not None:
-            upstream_ctx = ssl.create_default_context(cafile=str(self.federation.paths.ca_cert))
-            self._client = httpx.AsyncClient(base_url=f"https://{self.upstream}",
-                                             verify=upstream_ctx, timeout=self.upstream_timeout)
-        connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+            self._client = self._upstream_client(self.upstream)
+        connections = self._connections
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if len(connections) >= self.limits.max_connections:
+                # Over the bound: closed at once, before a handshake costs anything.
+                self._refuse("connections")
+                writer.close()
+                return
             task = asyncio.current_task()
             if task is not None:
                 connections[task] = writer
@@ -292,6 +281,11 @@ class Gateway:
             if self._client is not None:
                 await self._client.aclose()
 
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (at most ``limits.max_connections``)."""
+        return len(self._connections)
+
     def _refuse(self, reason: str) -> None:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
@@ -308,31 +302,40 @@ class Gateway:
     # ------------------------------------------------------------------ connections
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        stream: _Stream = _PlainStream(reader, writer)
+        stream: Stream = PlainStream(reader, writer)
         try:
             cert = None
             if not self.insecure:
-                tls = _TLSStream(reader, writer, self._context())
-                try:
-                    await asyncio.wait_for(tls.handshake(), timeout=_HANDSHAKE_TIMEOUT)
+                tls = TLSStream(reader, writer, self._context())
+                try:  # a peer that starts a handshake (RFC 8446, Sec. 4) must finish it in time
+                    await asyncio.wait_for(tls.handshake(),
+                                           timeout=self.limits.handshake_timeout_s)
                 except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
                     self._refuse("tls-handshake")
                     log.info("refused connection from %s: TLS handshake failed (%s)", peer,
-                             getattr(exc, "reason", None) or exc)
+                             getattr(exc, "reason", None) or exc or "timed out")
                     return
                 stream = tls
                 der = tls.peer_certificate()
                 cert = x509.load_der_x509_certificate(der) if der else None
-            conn = h11.Connection(h11.SERVER)
+            conn = h11.Connection(h11.SERVER,
+                                  max_incomplete_event_size=self.limits.max_header_bytes)
             while True:
-                request = await self._read_request(conn, stream)
-                if request is None:
+                try:
+                    req = await self._read_head(conn, stream)
+                    if req is None:
+                        # RFC 8446, Sec. 6.1: close_notify marks the close as deliberate, so
+                        # the client does not take it for a truncation attack.
+                        await stream.close_notify()
+                        return
+                    route = self._check_head(req, cert)
+                    body = await self._read_body(conn, stream, route)
+                except _Refusal as refusal:
+                    self._refuse(refusal.reason)
+                    log.info("refused a request from %s: %s", peer, refusal.message)
+                    await self._send_refusal(conn, stream, refusal)
                     return
-                req, body = request
-                if isinstance(body, _Response):
-                    response = body
-                else:
-                    response = await self._route(req, body, cert)
+                response = await self._handle(route, req, body)
                 keep = await self._send(conn, stream, response)
                 if not keep or conn.our_state is h11.MUST_CLOSE:
                     await stream.close_notify()
@@ -342,7 +345,7 @@ class Gateway:
                 except h11.LocalProtocolError:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, h11.ProtocolError, ssl.SSLError,
-                OSError):
+                OSError, TimeoutError):
             return
         finally:
             writer.close()
@@ -351,68 +354,155 @@ class Gateway:
             except (Exception, asyncio.CancelledError):  # noqa: BLE001, S110
                 pass
 
-    async def _read_request(self, conn: h11.Connection, stream: _Stream
-                            ) -> tuple[h11.Request, bytes | _Response] | None:
-        req: h11.Request | None = None
-        chunks: list[bytes] = []
-        size = 0
-        too_large = False
-        limit = self.max_body_bytes
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.read())
-                continue
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return None
-            if isinstance(event, h11.Request):
-                req = event
-                if event.target == ENROL_PATH.encode():
-                    limit = _MAX_ENROL_BODY
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    too_large = True
-                    chunks.clear()
-                else:
-                    chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                if req is None:
-                    return None
-                if too_large:
-                    return req, _error(413, "request body too large")
-                return req, b"".join(chunks)
+    async def _receive(self, stream: Stream, deadline: float) -> bytes | None:
+        """The next bytes from the client, or None if the deadline passes first."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(stream.read(), remaining)
+        except TimeoutError:
+            return None
 
-    async def _send(self, conn: h11.Connection, stream: _Stream, response: _Response) -> bool:
+    async def _read_head(self, conn: h11.Connection, stream: Stream) -> h11.Request | None:
+        """The next request line and headers; None when the client is done or sat idle.
+
+        The wait for a request's first byte is bounded by the idle timeout; from that byte
+        on the whole head must arrive within the header timeout (a slowloris sends it a
+        byte at a time), and it may not exceed ``max_header_bytes`` (h11 answers 431).
+        """
+        loop = asyncio.get_running_loop()
+        started = bool(conn.trailing_data[0])
+        deadline = loop.time() + (self.limits.header_timeout_s if started
+                                  else self.limits.idle_timeout_s)
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Refusal(exc.error_status_hint, f"malformed request ({exc})",
+                               "malformed") from None
+            if isinstance(event, h11.Request):
+                return event
+            if event is not h11.NEED_DATA:  # ConnectionClosed: the client is done
+                return None
+            data = await self._receive(stream, deadline)
+            if data is None:
+                if not started:  # RFC 9112, Sec. 9.5: an idle connection may be closed
+                    self._refuse("idle-timeout")
+                    return None
+                raise _Refusal(408, "the request head took too long", "header-timeout")
+            if data and not started:
+                started = True
+                deadline = loop.time() + self.limits.header_timeout_s
+            conn.receive_data(data)
+
+    def _check_head(self, req: h11.Request, cert: x509.Certificate | None) -> _Route:
+        """The request's route, decided and authorised from its head alone."""
+        # RFC 9112, Sec. 3.2.1: a server's own resources are asked for in origin-form
+        # (absolute-path ["?" query]); absolute-form, authority-form and "*" are for proxies.
+        if not req.target.startswith(b"/"):
+            raise _Refusal(400, "the request target must be a path", "target")
+        path, query_mark, _query = req.target.partition(b"?")
+        # The exact path, neither decoded nor normalised: "//", "%2F", "/./", a trailing "/"
+        # or a fragment names no route and is refused here, before the body. Only the
+        # route's own path, never the client's spelling of it, reaches the SuperLink.
+        route = self._routes.get(path.decode("latin-1"))
+        if route is None:
+            raise _Refusal(404, "not found", "route")
+        if query_mark:  # no route takes a query; one cannot select another route or limit
+            raise _Refusal(400, "query strings are not accepted", "query")
+        if req.method.decode("latin-1") != route.method:
+            # RFC 9110, Sec. 15.5.6: a 405 names the methods the resource supports.
+            raise _Refusal(405, "method not allowed", "method", (("allow", route.method),))
+        lengths = [v for k, v in req.headers if k == b"content-length"]
+        if lengths and any(k == b"transfer-encoding" for k, _ in req.headers):
+            # RFC 9112, Sec. 6.3 (3): both framings at once is how requests are smuggled
+            # past an intermediary; refuse rather than pick one.
+            raise _Refusal(400, "both Transfer-Encoding and Content-Length", "framing")
+        if lengths and int(lengths[0]) > route.max_body:
+            # RFC 9112, Sec. 6.2: a declared length over the limit is refused unread.
+            raise _Refusal(413, "request body too large", "body-size")
+        if route.fleet:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
+            refusal = self._authorise(cert, headers)
+            if refusal is not None:
+                raise _Refusal(403, refusal, refusal)
+        return route
+
+    async def _read_body(self, conn: h11.Connection, stream: Stream, route: _Route) -> bytes:
+        """The body of an admitted request, up to its route's limit, arriving steadily."""
+        if conn.they_are_waiting_for_100_continue:
+            # RFC 9110, Sec. 10.1.1: the client holds the body back until this arrives.
+            await self._write(stream, conn.send(h11.InformationalResponse(
+                status_code=100, headers=[])) or b"")
+        start = asyncio.get_running_loop().time()
+        body = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Refusal(exc.error_status_hint, f"malformed request body ({exc})",
+                               "malformed") from None
+            if isinstance(event, h11.Data):
+                if len(body) + len(event.data) > route.max_body:
+                    # RFC 9112, Sec. 7.1: a chunked body declares no length; it is refused
+                    # as soon as it passes the limit.
+                    raise _Refusal(413, "request body too large", "body-size")
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            elif event is h11.NEED_DATA:
+                deadline = (start + self.limits.body_timeout_s
+                            + len(body) / self.limits.min_transfer_rate)
+                data = await self._receive(stream, deadline)
+                if data is None:
+                    raise _Refusal(408, "the request body arrived too slowly", "body-timeout")
+                conn.receive_data(data)
+            else:
+                raise ConnectionError("the client closed the connection mid-request")
+
+    async def _write(self, stream: Stream, data: bytes) -> None:
+        timeout = self.limits.send_timeout_s + len(data) / self.limits.min_transfer_rate
+        await asyncio.wait_for(stream.write(data), timeout)
+
+    async def _send_refusal(self, conn: h11.Connection, stream: Stream,
+                            refusal: _Refusal) -> None:
+        """Answer a refused request and close, without reading the rest of it."""
+        body = json.dumps({"error": refusal.message}).encode()
+        headers = [("content-type", "application/json"), ("content-length", str(len(body))),
+                   ("connection", "close"), *refusal.headers]
+        try:
+            data = conn.send(h11.Response(status_code=refusal.status, headers=headers,
+                                          reason=HTTPStatus(refusal.status).phrase)) or b""
+            data += (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:
+            return
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError, ssl.SSLError):
+            await self._write(stream, data)
+            await stream.close_notify()
+            # RFC 9112, Sec. 9.6: closing while the client is still sending makes the kernel
+            # reset the connection, which can destroy the answer before the client reads it.
+            # Unread bytes are dropped for a bounded time and amount instead (never kept).
+            await stream.linger(seconds=self.limits.linger_s, max_bytes=self.limits.linger_bytes)
+
+    async def _send(self, conn: h11.Connection, stream: Stream, response: _Response) -> bool:
         headers = [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP]
         headers.append(("content-length", str(len(response.body))))
         data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
         if response.body:
             data += conn.send(h11.Data(data=response.body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
-        await stream.write(data)
+        await self._write(stream, data)
         return response.status < 400 or response.status in (404,)
 
     # ------------------------------------------------------------------ routing
-    async def _route(self, req: h11.Request, body: bytes,
-                     cert: x509.Certificate | None) -> _Response:
-        path = req.target.decode("latin-1").split("?", 1)[0]
-        method = req.method.decode("latin-1")
-        if path == CA_PATH and method == "GET":
+    async def _handle(self, route: _Route, req: h11.Request, body: bytes) -> _Response:
+        """Serve an admitted request (its route and client were checked from its head)."""
+        if route.path == CA_PATH:
             return _Response(200, [("content-type", "application/x-pem-file")], self._ca_pem)
-        if path == ENROL_PATH and method == "POST":
+        if route.path == ENROL_PATH:
             return await asyncio.get_running_loop().run_in_executor(None, self._enrol, body)
-        if path in FLEET_ROUTES and method == "POST":
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                       for k, v in req.headers}
-            refusal = self._authorise(cert, headers)
-            if refusal is not None:
-                self._refuse(refusal)
-                log.info("refused %s: %s", path, refusal)
-                return _error(403, refusal)
-            return await self._forward(method, path, list(req.headers), body)
-        self._refuse("route")
-        return _error(404, "not found")
+        return await self._forward(route.method, route.path, list(req.headers), body)
 
     def _authorise(self, cert: x509.Certificate | None, headers: dict[str, str]) -> str | None:
         """None if the request may reach the SuperLink, else why not."""

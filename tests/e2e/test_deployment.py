@@ -215,9 +215,10 @@ def test_revoked_client_refused_and_excluded_next_round(tmp_path, capsys):
     assert history[0]["num_clients"] == 3
     later = history[revoked_after + 1:]
     assert later and all(r["num_clients"] == 2 and r["num_sampled"] == 3 for r in later)
-    # The coordinator stopped its SuperLink when it was stopped: nothing listens there.
+    # The coordinator stopped its SuperLink when it was stopped: its socket and private
+    # folder are gone, and nothing listens on the public port.
     log = (run / "superlink.log").read_text()
-    link_port = int(log.split("Uvicorn running on https://127.0.0.1:")[1].split()[0])
+    link_socket = Path(log.split("Uvicorn running on unix socket ")[1].split()[0])
+    assert not link_socket.exists() and not link_socket.parent.exists()
     time.sleep(0.5)
-    assert not port_open(link_port)
     assert not port_open(port)

@@ -1,17 +1,19 @@
-"""The exposure of Flower's SuperLink port, and the gateway that closes it.
+"""The exposure of Flower's SuperLink, and the gateway that closes it.
 
 Finding (Flower 1.41 OSS): the SuperLink serves its Control API (``/v1/control/*``) on the
-same HTTP port as the Fleet API, and without Flower's enterprise account plugins the Control
-API authenticates nobody. ``test_bare_superlink_port_lets_anyone_register_and_start_runs``
-shows it against a real ``flower-superlink`` started with TLS and SuperNode authentication:
-a party with no credentials at all registers its own node key and starts a run. Confide
-therefore binds the SuperLink to 127.0.0.1 and exposes only the gateway, whose refusals are
-tested below (acceptance 2: other CA, unenrolled key, revoked client, plaintext).
+same HTTP server as the Fleet API, and without Flower's enterprise account plugins the Control
+API authenticates nobody. ``test_superlink_control_api_authenticates_nobody`` shows it against
+a real SuperLink with SuperNode authentication: whoever reaches it registers its own node key
+and starts a run. Confide therefore serves the SuperLink on a Unix socket only the
+coordinator's uid can reach (``tests/server/test_superlink.py``) and exposes only the gateway,
+whose refusals are tested below (acceptance 2: other CA, unenrolled key, revoked client,
+plaintext).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -23,13 +25,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from confide.app.deploy import SuperLinkProcess, _Runtime
 from confide.client.enrol import enrol_online, load_identity
 from confide.client.node import NodeOptions, _Fleet, _Refused
 from confide.exceptions import SecurityError
 from confide.server.ca import CertificateAuthority, init_federation, load_federation
 from confide.server.enrolment import EnrolmentAuthority
 from confide.server.gateway import Gateway
+from confide.server.superlink import FAB_PYPROJECT, SuperLinkClient, SuperLinkProcess
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,9 @@ def setup(tmp_path_factory):
     init_federation(root / "fed", name="gw", hosts=["127.0.0.1", "localhost"])
     fed = load_federation(root / "fed")
     authority = EnrolmentAuthority(fed)
-    link = SuperLinkProcess(federation=fed, state_dir=root, log_path=root / "superlink.log")
+    link = SuperLinkProcess(federation=fed, log_path=root / "superlink.log")
     link.start()
-    runtime = _Runtime(link)
+    runtime = SuperLinkClient(link)
     gateway = Gateway(federation=fed, host="127.0.0.1", port=0, upstream=link.address,
                       authority=authority)
     try:
@@ -91,36 +93,40 @@ def _alert(exc: BaseException) -> str:
 # ----------------------------------------------------------------- the finding
 
 
-def test_bare_superlink_port_lets_anyone_register_and_start_runs(setup):
-    """Anyone who reaches the SuperLink's own port needs no credentials for the Control API."""
+def test_superlink_control_api_authenticates_nobody(setup):
+    """Whoever reaches the SuperLink needs no credentials for its Control API."""
     from flwr.cli.build import build_fab_from_files
     from flwr.common.serde import fab_to_proto
     from flwr.proto.control_pb2 import RegisterNodeRequest, StartRunRequest
     from flwr.supercore.control.control_http_client import ControlHttpClient
     from flwr.supercore.fab import Fab
 
-    from confide.app.deploy import _FAB_PYPROJECT
-
-    attacker = ControlHttpClient(f"https://{setup['link'].address}", verify=False)
+    attacker = setup["link"].connect(ControlHttpClient)  # no credentials of any kind
     try:
         key = ec.generate_private_key(ec.SECP384R1())
         pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
         node = attacker.RegisterNode(RegisterNodeRequest(public_key=pem))
         assert node.node_id != 0  # an unenrolled key became a SuperNode
-        fab, _ = build_fab_from_files({"pyproject.toml": _FAB_PYPROJECT.encode()})
+        fab, _ = build_fab_from_files({"pyproject.toml": FAB_PYPROJECT.encode()})
         run = attacker.StartRun(StartRunRequest(fab=fab_to_proto(Fab("", fab, {}))))
         assert run.HasField("run_id")  # and a stranger started a run
     finally:
         attacker.close()
 
 
-def test_superlink_listens_on_loopback_only(setup):
-    port = setup["link"].port
-    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    listening = [r.split()[1] for r in rows if r.split()[3] == "0A"]  # state LISTEN
-    ours = [a for a in listening if int(a.split(":")[1], 16) == port]
-    assert ours == ["0100007F:" + f"{port:04X}"]  # 127.0.0.1 only
+def test_superlink_listens_on_no_tcp_port(setup):
+    """The SuperLink's only listening socket is its Unix socket: no TCP port, not even loopback."""
+    pid = setup["link"].process.pid
+    inodes = {os.readlink(f) for f in Path(f"/proc/{pid}/fd").iterdir()
+              if os.readlink(f).startswith("socket:")}
+    listening = set()
+    for table in ("tcp", "tcp6"):
+        rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        listening |= {f"socket:[{r.split()[9]}]" for r in rows if r.split()[3] == "0A"}
+    assert inodes and not inodes & listening
+    unix = Path(f"/proc/{pid}/net/unix").read_text()
+    assert str(setup["link"].socket_path) in unix
 
 
 # ----------------------------------------------------------------- the gateway
