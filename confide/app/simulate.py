@@ -24,10 +24,12 @@ from confide.exceptions import CheckpointError, ConfigError, DataError
 from confide.files import atomic_write_text
 from confide.parameters import set_flat_params
 from confide.round import Aggregator, PlainAggregator
+from confide.server.buffered import BufferedCoordinator
 from confide.server.checkpoint import load_checkpoint
 from confide.server.coordinator import Coordinator, RoundRecord
 from confide.simulations.datasets import FederatedDataset, load_dataset
 from confide.simulations.executors import SimulationContext, build_executor
+from confide.simulations.latency import LatencyModel
 from confide.simulations.partition import partition, partition_report
 
 __all__ = ["Simulation", "build_simulation", "run_simulation", "new_run_dir", "build_aggregator"]
@@ -123,12 +125,19 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
         set_flat_params(eval_model, flat.to(device))
         return evaluate_model(eval_model, x_test, y_test)
 
-    coordinator = Coordinator(
+    # The virtual clock: simulated client durations, so that synchronous and asynchronous
+    # runs compare in simulated wall-clock time (history column virtual_time_s).
+    latency = LatencyModel.from_config(cfg)
+    common: dict[str, Any] = dict(
         config=cfg, strategy=strategy, executor=executor, aggregator=build_aggregator(cfg),
         privacy=privacy, params=params, num_clients=len(parts),
         client_sizes=report.sizes, evaluator=evaluator, run_dir=run_dir,
-        on_round_end=on_round_end,
-    )
+        on_round_end=on_round_end, latency=latency)
+    if getattr(strategy, "asynchronous", False):
+        coordinator: Coordinator = BufferedCoordinator(
+            **common, concurrency=cfg.simulation.concurrency or cfg.cohort_size())
+    else:
+        coordinator = Coordinator(**common)
     notes = [f"dataset {data.name}: {len(data.y_train)} train / {len(data.y_test)} test, "
              f"{report.summary()}", f"strategy {strategy.describe()}, executor "
              f"{executor.name}, device {device}"]

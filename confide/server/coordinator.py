@@ -64,8 +64,14 @@ class Coordinator:
     timings: list[dict[str, Any]] = field(default_factory=list)
     client_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     completed_rounds: int = 0
+    #: simulated client durations (confide.simulations.latency): the virtual clock
+    latency: Any = None
+    #: simulated wall-clock seconds since the run began (with ``latency``)
+    virtual_time: float = 0.0
     #: why the current round's earlier attempts failed (recorded in its history row)
     _retry_reasons: list[str] = field(default_factory=list)
+    #: extra columns of the next history row (set by a schedule, e.g. mean staleness)
+    _row_extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -109,14 +115,25 @@ class Coordinator:
         t_train = time.perf_counter() - t_train
         reduced = outcome.reduced.count if outcome.reduced is not None else 0
         batch = self._accept(outcome.batch, outcome.failures, rnd, len(cohort), reduced)
+        if self.latency is not None:  # a synchronous round waits for its slowest client
+            self.virtual_time += self._cohort_seconds(cohort, rnd)
+        return self.complete_round(rnd, len(cohort), batch, outcome.reduced, t0=t0,
+                                   train_s=t_train)
+
+    def complete_round(self, rnd: int, num_sampled: int, batch: ResultBatch,
+                       reduced: Aggregate | None = None, *, t0: float, train_s: float
+                       ) -> RoundRecord:
+        """Steps 5-9 on the clients' result batch (the synchronous round above, or a
+        buffer of asynchronous arrivals: :mod:`confide.server.buffered`).
+        """
         self.privacy.observe_results(batch, rnd)  # e.g. each client's DP-SGD privacy event
 
         # 5. Aggregate: the coordinator learns only the sum (secure aggregation when enabled).
         aggregate: Aggregate = self.aggregator.aggregate(
             batch, server_round=rnd, weighting=self.privacy.weighting)
-        if outcome.reduced is not None:  # rows summed on other ranks (plain sums only)
-            aggregate = aggregate + outcome.reduced
-        self._require_quorum(aggregate.count, rnd, len(cohort))
+        if reduced is not None:  # rows summed on other ranks (plain sums only)
+            aggregate = aggregate + reduced
+        self._require_quorum(aggregate.count, rnd, num_sampled)
         if self.strategy.requires_individual_updates:  # robust aggregators (never with SecAgg)
             aggregate.robust_update = self.strategy.aggregate_individual(
                 batch.updates, batch.weights(self.privacy.weighting))
@@ -134,11 +151,11 @@ class Coordinator:
         epsilon = self.privacy.account(rnd, self.run_dir)
 
         # 9. Evaluate, record, checkpoint.
-        record = self._record(rnd, cohort, batch, aggregate, epsilon)
+        record = self._record(rnd, num_sampled, batch, aggregate, epsilon)
         self.completed_rounds = rnd
-        self.timings.append({"round": rnd, "train_s": round(t_train, 4),
+        self.timings.append({"round": rnd, "train_s": round(train_s, 4),
                              "round_s": round(time.perf_counter() - t0, 4)})
-        self._persist(final=rnd == cfg.run.rounds)
+        self._persist(final=rnd == self.config.run.rounds)
         return record
 
     # ------------------------------------------------------------------ the loop
@@ -199,6 +216,17 @@ class Coordinator:
             client_state=self.client_states.get(cid, {}),
         )
 
+    def _cohort_seconds(self, cohort: np.ndarray, rnd: int) -> float:
+        """Virtual seconds until the slowest of ``cohort`` has sent its update."""
+        if not len(cohort):
+            return 0.0
+        nbytes = 4 * int(self.params.numel())  # float32 weights down, update up
+        epochs = self.config.client.epochs
+        d = self.latency.durations(cohort, rnd, num_samples=[
+            epochs * self.client_sizes[int(c)] for c in cohort], bytes_up=nbytes,
+            bytes_down=nbytes)
+        return float(d.total.max())
+
     def _inject_dropouts(self, tasks: list[ClientTask], rnd: int, attempt: int = 0) -> None:
         """Fault injection: ``dropout_rate`` of the sampled clients leave mid-training."""
         sim = self.config.simulation
@@ -243,7 +271,7 @@ class Coordinator:
                 f"{self.completed_rounds}) is intact"
             )
 
-    def _record(self, rnd: int, cohort: np.ndarray, batch: ResultBatch,
+    def _record(self, rnd: int, num_sampled: int, batch: ResultBatch,
                 aggregate: Aggregate, epsilon: float | None) -> RoundRecord:
         summed = set(aggregate.client_ids)
         used = [i for i, cid in enumerate(batch.client_ids) if cid in summed]
@@ -254,16 +282,19 @@ class Coordinator:
             train_loss = float((w * part.metrics["train_loss"]).sum() / w.sum().clamp_min(1.0))
         record: RoundRecord = {
             "round": rnd,
-            "num_sampled": len(cohort),
+            "num_sampled": num_sampled,
             "num_clients": aggregate.count,
-            "num_dropped": len(cohort) - aggregate.count,
+            "num_dropped": num_sampled - aggregate.count,
             "train_loss": train_loss,
             "test_accuracy": None,
             "test_loss": None,
             "epsilon": epsilon,
+            "virtual_time_s": (None if self.latency is None
+                               else round(self.virtual_time, 6)),
             "retries": len(self._retry_reasons),
             "retry_reasons": " | ".join(self._retry_reasons),
         }
+        record.update(self._row_extras)
         record.update(self.privacy.round_metrics())
         if self.evaluator is not None and (rnd % self.config.run.eval_every == 0
                                            or rnd == self.config.run.rounds):
@@ -283,6 +314,7 @@ class Coordinator:
                               for k, v in self.client_states.items()},
             "history": self.history,
             "timings": self.timings,
+            "virtual_time": self.virtual_time,
             "privacy": self.privacy.state_dict(),
         }
 
@@ -294,6 +326,7 @@ class Coordinator:
         self.client_states = {int(k): dict(v) for k, v in state["client_states"].items()}
         self.history = list(state["history"])
         self.timings = list(state.get("timings", []))
+        self.virtual_time = float(state.get("virtual_time", 0.0))
         self.privacy.load_state_dict(state["privacy"])
 
     def _persist(self, *, final: bool) -> None:
