@@ -10,6 +10,7 @@ import typer
 __all__ = ["register", "strategies_app"]
 
 strategies_app = typer.Typer(
+    rich_markup_mode=None,
     name="strategies",
     help="List the federated optimisation strategies (built-in and plugins).",
     no_args_is_help=True,
