@@ -9,11 +9,12 @@ strategy's own parameters and are validated by the strategy (see ``confide.strat
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -277,15 +278,34 @@ def _check_bounds(value: Any, meta: Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"{key} = {value!r} is out of range; it must be {sym} {bound}")
 
 
+#: ``prefix -> hint(cls, key)``: a message for an unknown key of a section whose dataclass a
+#: higher floor owns (the strategy registry names the strategies that take a ``strategy.`` key)
+_UNKNOWN_KEY_HINTS: dict[str, Callable[[type, str], str | None]] = {}
+
+
+def register_unknown_key_hint(prefix: str, hint: Callable[[type, str], str | None]) -> None:
+    """Explain unknown ``prefix`` keys with ``hint(dataclass, key)`` (None: the default text)."""
+    _UNKNOWN_KEY_HINTS[prefix] = hint
+
+
 def validate_dataclass(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     """Build dataclass ``cls`` from ``values``, raising ConfigError on any bad key or value."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
+        hint = _UNKNOWN_KEY_HINTS.get(prefix)
+        message = hint(cls, unknown[0]) if hint is not None else None
+        if message:
+            raise ConfigError(message)
+        section = prefix.rstrip(".")
+        if not fields:
+            raise ConfigError(f"unknown key {prefix}{unknown[0]}; [{section}] takes no keys")
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]}; allowed keys in [{prefix.rstrip('.')}]: "
-            + ", ".join(sorted(fields))
+            f"unknown key {prefix}{unknown[0]}"
+            + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+            + f"; allowed keys in [{section}]: " + ", ".join(sorted(fields))
         )
     kwargs: dict[str, Any] = {}
     for name, value in values.items():

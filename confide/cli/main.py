@@ -214,6 +214,10 @@ def _usage_hint(exc: Exception) -> str:
     return f" (see '{path} --help')" if path else ""
 
 
+def _debug_on() -> bool:
+    return _debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error becomes one stderr line and its exit code."""
     global _debug
@@ -238,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print_error("interrupted; resume the run with --resume")
         sys.exit(130)
+    except OSError as exc:  # a path the user gave: not a folder, no permission, disk full
+        if _debug_on():
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print_error(f"{exc.strerror or exc}{where}")
+        sys.exit(1)
     except Exception as exc:
         if isinstance(exc, _usage_error_type()):
             exit_code = int(getattr(exc, "exit_code", 2))
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(exit_code)
             print_error(message + _usage_hint(exc))
             sys.exit(exit_code)
-        if _debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if _debug_on():
             raise
         print_error(f"unexpected {type(exc).__name__}: {exc} (rerun with 'confide --debug ...' "
                     f"or {DEBUG_ENV}=1 for the traceback)")
