@@ -188,7 +188,7 @@ def _register_groups() -> None:
     import importlib
 
     for module in ("confide.cli.strategies", "confide.cli.privacy", "confide.cli.deploy",
-                   "confide.cli.audit"):
+                   "confide.cli.audit", "confide.cli.config_reference"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
