@@ -199,13 +199,15 @@ def _register_groups() -> None:
 
 
 def _usage_error_type() -> type[Exception]:
-    """The base class of typer's usage errors: vendored click in typer >= 0.2x, else click's."""
-    base = getattr(typer, "TyperException", None)  # typer that vendors click (no click dist)
-    if isinstance(base, type) and issubclass(base, Exception):
-        return base
-    import click  # older typer depends on click itself
+    """The ``ClickException`` class that typer's usage errors derive from.
 
-    return click.ClickException
+    Found through ``typer.BadParameter`` so that no ``import click`` is needed: typer 0.2x
+    vendors click (and a plain install has no click), older typer re-exports click's own.
+    """
+    for cls in typer.BadParameter.__mro__:
+        if cls.__name__ == "ClickException":
+            return cls
+    return typer.BadParameter  # pragma: no cover - every typer has ClickException above it
 
 
 def _usage_hint(exc: Exception) -> str:

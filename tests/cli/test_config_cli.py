@@ -5,7 +5,7 @@ import tomllib
 import typing
 
 import pytest
-from confide_testing import assert_one_line_error, run_cli
+from confide_testing import ROOT, assert_one_line_error, run_cli
 
 from confide.cli._builtin_strategies import BUILTIN_STRATEGIES
 from confide.config import Config, validate_config
@@ -78,3 +78,13 @@ def test_each_section_alone(section, capsys):
     code, out, _ = run_cli(["config", section], capsys)
     assert code == 0
     assert validate_config(tomllib.loads(out)) == Config()
+
+
+def test_readme_table_lists_every_key():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`"): line for line in readme.splitlines()
+            if line.startswith("| `")}
+    for section, f in _every_field():
+        if (section, f.name) == ("strategy", "options"):
+            continue
+        assert f"`{f.name}`" in rows[section], f"README's config table lacks {section}.{f.name}"
