@@ -8,11 +8,15 @@ command imported torch (it must not). Writes ``benchmarks/results/cli_startup.js
 
     python benchmarks/cli_startup.py               # 15 repeats
     python benchmarks/cli_startup.py --repeats 31
+    VENV/bin/python benchmarks/cli_startup.py --output benchmarks/results/cli_startup_plain.json
+
+(the last one: a plain ``pip install -e .`` environment, where typer vendors click).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -53,7 +57,9 @@ def _time(cmd: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    output = args.output.resolve()
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
@@ -82,13 +88,15 @@ def main() -> None:
         "benchmark": "cli_startup",
         "repeats": args.repeats,
         "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "typer": importlib.metadata.version("typer"),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "commands": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     width = max(len(n) for n in rows)
     print(f"{'command':{width}}  min s   median s  x python  torch")
     for name, row in rows.items():
@@ -97,7 +105,7 @@ def main() -> None:
         print(f"{name:{width}}  {row['min_s']:.3f}   {row['median_s']:.3f}     "
               f"{row['ratio_to_python']:.2f}      {torch_flag}")
     print(f"load average (1 min): {result['load_average_1m']}; wrote "
-          f"{RESULTS.relative_to(ROOT)}")
+          f"{output.relative_to(ROOT) if output.is_relative_to(ROOT) else output}")
 
 
 if __name__ == "__main__":
