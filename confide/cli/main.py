@@ -178,9 +178,9 @@ def simulate(
         if acc is not None:
             done.append(f": {summary['rounds']} rounds, final test accuracy {acc:.4f}")
         console.print(done)
-        console.print(f"run folder: {run_dir}")
+        typer.echo(f"run folder: {run_dir}")  # never wrapped: scripts read the path
     else:
-        console.print(str(run_dir))
+        typer.echo(str(run_dir))
 
 
 def _register_groups() -> None:

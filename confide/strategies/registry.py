@@ -133,9 +133,14 @@ def _unknown_key_hint(params: type, key: str) -> str:
     owners = sorted(n for n, c in _REGISTRY.items()
                     if key in {f.name for f in dataclasses.fields(c.Params)})
     # strategies without parameters share one Params class, so several names can match
-    this = " or ".join(users) if users else "this strategy"
-    own = (f"its keys: {', '.join(keys)}" if keys
-           else ("they take" if len(users) > 1 else "it takes") + " no [strategy] keys")
+    if keys:
+        whose = f"{users[0]}'s" if len(users) == 1 else "this strategy's"
+        own = f"allowed keys in [strategy]: {', '.join(keys)} ({whose})"
+    elif users:
+        own = (" and ".join(users) + (" take" if len(users) > 1 else " takes")
+               + " no [strategy] keys")
+    else:
+        own = "this strategy takes no [strategy] keys"
     if owners:
         where = f"it belongs to: {', '.join(owners)}"
     else:
@@ -143,7 +148,7 @@ def _unknown_key_hint(params: type, key: str) -> str:
         close = difflib.get_close_matches(key, sorted(every), n=1)
         where = (f"did you mean strategy.{close[0]}?" if close else
                  "no registered strategy takes it (see 'confide strategies show NAME')")
-    return f"strategy.{key} is not a key of {this} ({own}); {where}"
+    return f"unknown key strategy.{key}; {own}; {where}"
 
 
 register_unknown_key_hint("strategy.", _unknown_key_hint)

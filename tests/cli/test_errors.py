@@ -40,17 +40,17 @@ def test_section_in_a_job_file_is_printed_as_written(tmp_path, capsys):
 
 @pytest.mark.parametrize(("sets", "message"), [
     (["strategy.mu=0.1"],
-     "error: strategy.mu is not a key of fedavg or fedmedian (they take no [strategy] keys); "
+     "error: unknown key strategy.mu; fedavg and fedmedian take no [strategy] keys; "
      "it belongs to: fedprox"),
     (["strategy.name='fedadam'", "strategy.mu=0.1"],
-     "error: strategy.mu is not a key of fedadam (its keys: beta1, beta2, server_lr, tau); "
-     "it belongs to: fedprox"),
+     "error: unknown key strategy.mu; allowed keys in [strategy]: beta1, beta2, server_lr, tau "
+     "(fedadam's); it belongs to: fedprox"),
     (["strategy.name='fedprox'", "strategy.server_lr=1"],
-     "error: strategy.server_lr is not a key of fedprox (its keys: mu); it belongs to: "
-     "fedadagrad, fedadam, fedavgm, fedyogi, scaffold"),
+     "error: unknown key strategy.server_lr; allowed keys in [strategy]: mu (fedprox's); it "
+     "belongs to: fedadagrad, fedadam, fedavgm, fedyogi, scaffold"),
     (["strategy.server_l=1"],
-     "error: strategy.server_l is not a key of fedavg or fedmedian (they take no [strategy] "
-     "keys); did you mean strategy.server_lr?"),
+     "error: unknown key strategy.server_l; fedavg and fedmedian take no [strategy] keys; "
+     "did you mean strategy.server_lr?"),
 ])
 def test_unknown_strategy_key_names_the_strategies_that_take_it(sets, message, tmp_path,
                                                                  capsys):
