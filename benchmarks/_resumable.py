@@ -23,8 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from confide.config import load_config
 from confide.app.simulate import run_simulation
+from confide.config import load_config
 
 RoundRecord = dict[str, Any]
 

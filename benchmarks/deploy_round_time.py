@@ -80,8 +80,8 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _partitions(job: Path, folder: Path) -> list[Path]:
-    from confide.config import load_config
     from confide.app.simulate import build_simulation
+    from confide.config import load_config
 
     sim = build_simulation(load_config(job))
     out = []
@@ -143,8 +143,8 @@ def deployed(rounds: int, *, poll: float, max_poll: float, threads: int) -> dict
 def simulated(rounds: int, *, threads: int) -> dict[str, object]:
     import torch
 
-    from confide.config import load_config
     from confide.app.simulate import build_simulation
+    from confide.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.toml"

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from confide.simulations.datasets import load_dataset
 from confide.app.simulate import run_simulation, summarize
+from confide.simulations.datasets import load_dataset
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "examples" / "heart-disease.toml"

@@ -61,10 +61,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from confide.app.simulate import build_simulation  # noqa: E402
 from confide.config import load_config  # noqa: E402
 from confide.models import build_model  # noqa: E402
 from confide.simulations.datasets import FASHION_MNIST_DIR, load_dataset  # noqa: E402
-from confide.app.simulate import build_simulation  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -9,11 +9,12 @@ strategy's own parameters and are validated by the strategy (see ``confide.strat
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,46 +53,54 @@ def _c(default: Any, *, ge: float | None = None, gt: float | None = None,
 class RunConfig:
     """``[run]``: seed, rounds and evaluation cadence."""
 
-    seed: int = _c(0, ge=0)
-    rounds: int = _c(30, ge=1)
-    eval_every: int = _c(1, ge=1)
+    seed: int = _c(0, ge=0, help="root seed: partition, sampling, init and noise follow from it")
+    rounds: int = _c(30, ge=1, help="federated rounds to run")
+    eval_every: int = _c(1, ge=1, help="evaluate the global model on the test set every N rounds "
+                         "(and after the last)")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """``[data]``: dataset, number of clients and how the data is partitioned."""
 
-    dataset: str = "digits"
-    num_clients: int = _c(20, ge=1)
-    partition: Literal["iid", "dirichlet", "shards", "natural"] = "dirichlet"
-    alpha: float = _c(0.5, gt=0)
-    classes_per_client: int = _c(2, ge=1)
-    min_samples_per_client: int = _c(2, ge=1)
-    test_fraction: float = _c(0.2, gt=0, lt=1)
-    path: str | None = None
-    client_column: str = "client_id"
-    label_column: str = "label"
+    dataset: str = _c("digits", help="digits, fashion-mnist or heart-disease (ignored when "
+                      "data.path is set)")
+    num_clients: int = _c(20, ge=1, help="clients the training data is split over")
+    partition: Literal["iid", "dirichlet", "shards", "natural"] = _c(
+        "dirichlet", help="iid; dirichlet: label skew (data.alpha); shards: "
+        "data.classes_per_client labels each; natural: the dataset's own clients")
+    alpha: float = _c(0.5, gt=0, help="Dirichlet concentration: smaller is more label skew")
+    classes_per_client: int = _c(2, ge=1, help="labels per client under partition = 'shards'")
+    min_samples_per_client: int = _c(2, ge=1, help="a Dirichlet draw is repeated until every "
+                                     "client has this many samples")
+    test_fraction: float = _c(0.2, gt=0, lt=1, help="share of the data held out (stratified) as "
+                              "the pooled test set")
+    path: str | None = _c(None, help="your own data: a .csv (numeric features, a label column) or "
+                          ".npz (x, y, optional client_id, x_test, y_test)")
+    client_column: str = _c("client_id", help="CSV column naming each row's client (natural "
+                            "partition)")
+    label_column: str = _c("label", help="CSV column holding the label")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """``[model]``: a registered model name or a ``module:factory`` path."""
 
-    name: str = "mlp"
-    hidden_units: int = _c(128, ge=1)
+    name: str = _c("mlp", help="logreg, mlp, lenet, or a package.module:factory path")
+    hidden_units: int = _c(128, ge=1, help="width of the mlp's hidden layer")
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     """``[client]``: the local trainer every client runs."""
 
-    epochs: int = _c(2, ge=1)
-    batch_size: int = _c(16, ge=1)
-    lr: float = _c(0.05, gt=0)
-    momentum: float = _c(0.9, ge=0, lt=1)
-    weight_decay: float = _c(0.0, ge=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    device: str = "auto"
+    epochs: int = _c(2, ge=1, help="local epochs over the client's data per round")
+    batch_size: int = _c(16, ge=1, help="local mini-batch size")
+    lr: float = _c(0.05, gt=0, help="local learning rate")
+    momentum: float = _c(0.9, ge=0, lt=1, help="local SGD momentum (reset every round)")
+    weight_decay: float = _c(0.0, ge=0, help="local L2 weight decay")
+    optimizer: Literal["sgd", "adam"] = _c("sgd", help="local optimiser")
+    device: str = _c("auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -103,110 +112,142 @@ class CohortConfig:
     size / num_clients, which is what the DP accountants assume.
     """
 
-    size: int | float = 1.0
-    min_clients: int = _c(1, ge=1)
-    sampling: Literal["fixed", "poisson"] = "fixed"
-    #: a round that fails (quorum lost, too few for secure aggregation) is run again this
-    #: many times with a fresh cohort of the live clients before the job stops
-    max_retries: int = _c(2, ge=0)
+    size: int | float = _c(1.0, help="clients per round: a count (integer >= 1) or a fraction of "
+                           "all clients (float in (0, 1])")
+    min_clients: int = _c(1, ge=1, help="a round with fewer reporting clients fails")
+    sampling: Literal["fixed", "poisson"] = _c(
+        "fixed", help="fixed: exactly size clients; poisson: each client independently with "
+        "probability size / num_clients (what the DP accountants assume)")
+    max_retries: int = _c(2, ge=0, help="a round that fails (quorum lost, too few clients for "
+                          "secure aggregation) is run again this many times with a fresh "
+                          "cohort of the live clients before the job stops")
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
     """``[strategy]``: ``name`` plus the strategy's own parameters (validated by it)."""
 
-    name: str = "fedavg"
-    options: Mapping[str, Any] = field(default_factory=dict)
+    name: str = _c("fedavg", help="a registered strategy (confide strategies list) or a "
+                   "package.module:Class path")
+    options: Mapping[str, Any] = field(default_factory=dict, metadata={
+        "help": "the strategy's own keys, written as [strategy] keys (confide strategies show "
+                "NAME)"})
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
     """``[simulation]``: executor and fault injection."""
 
-    executor: str = "sequential"
-    dropout_rate: float = _c(0.0, ge=0, lt=1)
-    dropout_stage: str = "training"
+    executor: str = _c("sequential", help="sequential (one client after another), vectorized "
+                       "(a cohort at once on one device) or flower (Flower's Ray simulation)")
+    dropout_rate: float = _c(0.0, ge=0, lt=1, help="fault injection: fraction of sampled "
+                             "clients that drop out (simulation only)")
+    dropout_stage: str = _c("training", help="when they drop: training, or a secure-aggregation "
+                            "stage (advertise_keys, share_keys, masked_input)")
     # The ``vectorized`` executor's knobs (confide.simulations.vectorized):
-    #: clients trained at once per device; 0 sizes chunks to the free memory
-    chunk_size: int = _c(0, ge=0)
-    #: "bf16": forward and backward under bfloat16 autocast (opt-in; fp32 master weights)
-    mixed_precision: Literal["off", "bf16"] = "off"
-    #: "cuda-graphs" replays each local step as a CUDA graph; "torch-compile" compiles it;
-    #: "auto": CUDA graphs on a GPU where they apply (SGD, no DP-SGD), else off
-    compile: Literal["auto", "off", "cuda-graphs", "torch-compile"] = "auto"
-    #: convolutions with per-client weights: grouped conv (vmap's own rule) or unfold + bmm
-    conv_lowering: Literal["auto", "grouped", "unfold"] = "auto"
-    #: processes, one GPU each, a cohort is split over (torch.distributed, NCCL or gloo)
-    world_size: int = _c(1, ge=1)
-    #: clients training at the same time (asynchronous rounds); unset: the cohort size
-    concurrency: int | None = _c(None, ge=1)
+    chunk_size: int = _c(0, ge=0, help="vectorized: clients trained at once per device; 0 sizes "
+                         "chunks to the free memory")
+    mixed_precision: Literal["off", "bf16"] = _c(
+        "off", help="vectorized: bf16 runs forward and backward under bfloat16 autocast (fp32 "
+        "master weights)")
+    compile: Literal["auto", "off", "cuda-graphs", "torch-compile"] = _c(
+        "auto", help="vectorized: cuda-graphs replays each local step as a CUDA graph, "
+        "torch-compile compiles it; auto: CUDA graphs on a GPU where they apply (SGD, no "
+        "DP-SGD), else off")
+    conv_lowering: Literal["auto", "grouped", "unfold"] = _c(
+        "auto", help="vectorized: convolutions with per-client weights as grouped conv (vmap's "
+        "own rule) or unfold + bmm")
+    world_size: int = _c(1, ge=1, help="vectorized: processes, one GPU each, a cohort is split "
+                         "over (torch.distributed, NCCL or gloo)")
+    concurrency: int | None = _c(None, ge=1, help="clients training at the same time "
+                                 "(asynchronous rounds, FedBuff); unset: the cohort size")
     # The virtual clock's latency model (confide.simulations.latency; defaults cited there):
-    #: "lognormal": the seeded model below; "trace": replay ``latency_trace`` (CSV)
-    latency: Literal["lognormal", "trace"] = "lognormal"
-    #: CSV with columns client_id, train_s, up_s, down_s
-    latency_trace: str | None = None
-    #: median seconds of local training per example processed
-    latency_train_s_per_sample: float = _c(0.005, gt=0)
-    #: log-normal sigma of a client's compute speed (persistent, per client)
-    latency_speed_sigma: float = _c(0.7, ge=0)
-    #: log-normal sigma of each task's jitter around the client's speed
-    latency_jitter_sigma: float = _c(0.25, ge=0)
-    #: median upload / download bandwidth, bytes per second
-    latency_up_bytes_per_s: float = _c(1.25e6, gt=0)
-    latency_down_bytes_per_s: float = _c(5.0e6, gt=0)
-    #: log-normal sigma of a client's bandwidth (persistent and per task, each)
-    latency_network_sigma: float = _c(0.8, ge=0)
-    #: fixed seconds per message each way (connection set-up, round trips)
-    latency_rtt_s: float = _c(0.1, ge=0)
+    latency: Literal["lognormal", "trace"] = _c(
+        "lognormal", help="virtual clock: lognormal is the seeded model below; trace replays "
+        "latency_trace")
+    latency_trace: str | None = _c(None, help="virtual clock: CSV with columns client_id, "
+                                   "train_s, up_s, down_s")
+    latency_train_s_per_sample: float = _c(0.005, gt=0, help="virtual clock: median seconds "
+                                           "of local training per example processed")
+    latency_speed_sigma: float = _c(0.7, ge=0, help="virtual clock: log-normal sigma of a "
+                                    "client's compute speed (persistent, per client)")
+    latency_jitter_sigma: float = _c(0.25, ge=0, help="virtual clock: log-normal sigma of each "
+                                     "task's jitter around the client's speed")
+    latency_up_bytes_per_s: float = _c(1.25e6, gt=0, help="virtual clock: median upload "
+                                       "bandwidth, bytes per second")
+    latency_down_bytes_per_s: float = _c(5.0e6, gt=0, help="virtual clock: median download "
+                                         "bandwidth, bytes per second")
+    latency_network_sigma: float = _c(0.8, ge=0, help="virtual clock: log-normal sigma of a "
+                                      "client's bandwidth (persistent and per task, each)")
+    latency_rtt_s: float = _c(0.1, ge=0, help="virtual clock: fixed seconds per message each "
+                              "way (connection set-up, round trips)")
 
 
 @dataclass(frozen=True)
 class PrivacyConfig:
     """``[privacy]``: differential privacy (see ``confide.privacy``)."""
 
-    mode: Literal["off", "central", "dp-sgd", "distributed"] = "off"
-    noise_multiplier: float | None = _c(None, ge=0)
-    clip_norm: float = _c(1.0, gt=0)
-    adaptive_clipping: bool = False
-    target_quantile: float = _c(0.5, gt=0, lt=1)
-    clip_learning_rate: float = _c(0.2, gt=0)
-    target_epsilon: float | None = _c(None, gt=0)
-    delta: float = _c(1e-5, gt=0, lt=1)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    mode: Literal["off", "central", "dp-sgd", "distributed"] = _c(
+        "off", help="off; central: client-level DP-FedAvg, trusted coordinator; dp-sgd: "
+        "sample-level DP-SGD in every client (Opacus); distributed: client-level DP noise "
+        "added by the clients under secure aggregation")
+    noise_multiplier: float | None = _c(None, ge=0, help="Gaussian noise std / clip norm; unset: "
+                                        "calibrated from privacy.target_epsilon")
+    clip_norm: float = _c(1.0, gt=0, help="L2 clipping bound of a client update (central, "
+                          "distributed) or of a per-sample gradient (dp-sgd)")
+    adaptive_clipping: bool = _c(False, help="central: adapt the clip norm to a quantile of "
+                                 "the update norms (Andrew et al. 2021)")
+    target_quantile: float = _c(0.5, gt=0, lt=1, help="adaptive clipping: the norm quantile "
+                                "to track")
+    clip_learning_rate: float = _c(0.2, gt=0, help="adaptive clipping: geometric step size of "
+                                   "the clip norm")
+    target_epsilon: float | None = _c(None, gt=0, help="privacy budget: the run stops before "
+                                      "spending more (and calibrates the noise if unset)")
+    delta: float = _c(1e-5, gt=0, lt=1, help="the δ of (ε, δ)-DP; keep it below 1 / number of "
+                      "clients (central) or samples (dp-sgd)")
+    accountant: Literal["rdp", "prv"] = _c("rdp", help="Opacus accountant: rdp (Rényi DP) or "
+                                           "prv (privacy random variables)")
 
 
 @dataclass(frozen=True)
 class SecureAggregationConfig:
     """``[secure_aggregation]``: SecAgg+ (see ``confide.privacy.secagg``)."""
 
-    enabled: bool = False
-    bits: int = _c(32, ge=8, le=62)
-    neighbours: int | None = _c(None, ge=2)
-    threshold: int | None = _c(None, ge=2)
-    clipping_range: float = _c(8.0, gt=0)
-    skip_pairwise_masks: bool = False
-    #: largest client weight (example count) a client may claim; larger ones are capped
-    max_weight: int = _c(1000, ge=1)
-    #: fraction of a cohort the neighbourhood graph must tolerate dropping mid-protocol
-    dropout_tolerance: float = _c(0.1, ge=0, lt=0.9)
-    #: fraction of a cohort that may collude with the coordinator (sets the threshold)
-    corruption_tolerance: float = _c(0.05, ge=0, lt=0.9)
+    enabled: bool = _c(False, help="SecAgg+: the coordinator learns only the sum of the "
+                       "cohort's updates")
+    bits: int = _c(32, ge=8, le=62, help="updates are quantised into integers modulo 2^bits")
+    neighbours: int | None = _c(None, ge=2, help="SecAgg+ graph degree; unset: sized from the "
+                                "dropout and corruption tolerances")
+    threshold: int | None = _c(None, ge=2, help="Shamir threshold t of the secret shares; "
+                               "unset: sized from the tolerances")
+    clipping_range: float = _c(8.0, gt=0, help="every update and aux-vector entry is clipped "
+                               "to [-range, range] before quantisation")
+    skip_pairwise_masks: bool = _c(False, help="NOT SECURE: skip the masking cryptography, "
+                                   "keep the quantisation (accuracy studies of huge "
+                                   "simulations; warns)")
+    max_weight: int = _c(1000, ge=1, help="largest client weight (example count) a client may "
+                         "claim; larger ones are capped")
+    dropout_tolerance: float = _c(0.1, ge=0, lt=0.9, help="fraction of a cohort the graph must "
+                                  "tolerate dropping mid-protocol")
+    corruption_tolerance: float = _c(0.05, ge=0, lt=0.9, help="fraction of a cohort that may "
+                                     "collude with the coordinator (sets the threshold)")
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
     """``[compression]``: how clients compress their updates (see ``confide.compression``)."""
 
-    method: Literal["none", "qsgd", "topk", "randk", "sign"] = "none"
-    #: QSGD: bits per coordinate, sign included (2^(bits-1) - 1 levels per sign)
-    bits: int = _c(8, ge=2, le=16)
-    #: top-k / random-k: fraction of coordinates kept, in (0, 1]
-    ratio: float = 0.1
-    #: carry what was not sent to the next round (Karimireddy et al. 2019, EF-SGD)
-    error_feedback: bool = True
-    #: QSGD: a shared scale instead of per-vector norms (under secure aggregation, unset means
-    #: secure_aggregation.clipping_range)
-    scale: float | None = _c(None, gt=0)
+    method: Literal["none", "qsgd", "topk", "randk", "sign"] = _c(
+        "none", help="none, qsgd (stochastic k-bit quantisation), topk / randk "
+        "(sparsification), sign")
+    bits: int = _c(8, ge=2, le=16, help="qsgd: bits per coordinate, sign included "
+                   "(2^(bits-1) - 1 levels per sign)")
+    ratio: float = _c(0.1, help="topk / randk: fraction of coordinates kept, in (0, 1]")
+    error_feedback: bool = _c(True, help="carry what was not sent to the next round "
+                              "(Karimireddy et al. 2019, EF-SGD)")
+    scale: float | None = _c(None, gt=0, help="qsgd: a shared scale instead of per-vector norms "
+                             "(under secure aggregation, unset means "
+                             "secure_aggregation.clipping_range)")
 
 
 @dataclass(frozen=True)
@@ -320,15 +361,34 @@ def _check_bounds(value: Any, meta: Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"{key} = {value!r} is out of range; it must be {sym} {bound}")
 
 
+#: ``prefix -> hint(cls, key)``: a message for an unknown key of a section whose dataclass a
+#: higher floor owns (the strategy registry names the strategies that take a ``strategy.`` key)
+_UNKNOWN_KEY_HINTS: dict[str, Callable[[type, str], str | None]] = {}
+
+
+def register_unknown_key_hint(prefix: str, hint: Callable[[type, str], str | None]) -> None:
+    """Explain unknown ``prefix`` keys with ``hint(dataclass, key)`` (None: the default text)."""
+    _UNKNOWN_KEY_HINTS[prefix] = hint
+
+
 def validate_dataclass(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     """Build dataclass ``cls`` from ``values``, raising ConfigError on any bad key or value."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
+        hint = _UNKNOWN_KEY_HINTS.get(prefix)
+        message = hint(cls, unknown[0]) if hint is not None else None
+        if message:
+            raise ConfigError(message)
+        section = prefix.rstrip(".")
+        if not fields:
+            raise ConfigError(f"unknown key {prefix}{unknown[0]}; [{section}] takes no keys")
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]}; allowed keys in [{prefix.rstrip('.')}]: "
-            + ", ".join(sorted(fields))
+            f"unknown key {prefix}{unknown[0]}"
+            + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+            + f"; allowed keys in [{section}]: " + ", ".join(sorted(fields))
         )
     kwargs: dict[str, Any] = {}
     for name, value in values.items():

@@ -21,14 +21,16 @@ __all__ = ["register"]
 
 log = logging.getLogger("confide")
 
-ca_app = typer.Typer(help="The federation's certificate authority.", no_args_is_help=True)
-enrol_app = typer.Typer(help="Enrolment tokens and offline enrolment answers.",
-                        no_args_is_help=True)
-clients_app = typer.Typer(help="The operator's view of enrolled clients.", no_args_is_help=True)
-server_app = typer.Typer(help="The coordinator on Flower's deployment runtime.",
-                         no_args_is_help=True)
-client_app = typer.Typer(help="A client: enrol once, then start it with its own data.",
-                         no_args_is_help=True)
+def _group(help_text: str) -> typer.Typer:
+    # plain click help, as in confide.cli.main: rich help costs start-up time
+    return typer.Typer(help=help_text, no_args_is_help=True, rich_markup_mode=None)
+
+
+ca_app = _group("The federation's certificate authority.")
+enrol_app = _group("Enrolment tokens and offline enrolment answers.")
+clients_app = _group("The operator's view of enrolled clients.")
+server_app = _group("The coordinator on Flower's deployment runtime.")
+client_app = _group("A client: enrol once, then start it with its own data.")
 
 CaOpt = Annotated[Path, typer.Option("--ca", help="The federation folder ('confide ca init').")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]

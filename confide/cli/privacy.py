@@ -79,7 +79,8 @@ def epsilon_command(
 
 def register(app: typer.Typer) -> None:
     """Add the ``privacy`` command group to ``app``."""
-    group = typer.Typer(name="privacy", help="Differential privacy: accounting and planning.",
+    group = typer.Typer(name="privacy", rich_markup_mode=None,
+                        help="Differential privacy: accounting and planning.",
                         no_args_is_help=True)
     group.command("epsilon")(epsilon_command)
     app.add_typer(group, name="privacy")

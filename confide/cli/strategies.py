@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated, Any
 
 import typer
@@ -10,6 +9,7 @@ import typer
 __all__ = ["register", "strategies_app"]
 
 strategies_app = typer.Typer(
+    rich_markup_mode=None,
     name="strategies",
     help="List the federated optimisation strategies (built-in and plugins).",
     no_args_is_help=True,
@@ -17,26 +17,24 @@ strategies_app = typer.Typer(
 )
 
 
-def _secagg(cls: type) -> str:
-    if getattr(cls, "requires_individual_updates", False):
-        return "no (needs individual updates)"
-    return "yes"
+def _secagg(info: dict[str, Any]) -> str:
+    return "yes" if info["secure_aggregation"] else "no (needs individual updates)"
 
 
 @strategies_app.command("list")
 def list_strategies() -> None:
     """Every strategy with its origin and whether it works under secure aggregation."""
-    from confide.strategies import available_strategies, broken_plugins, strategy_origin
+    from confide.cli.strategy_catalog import strategy_infos
 
-    strategies = available_strategies()
-    rows = [(name, strategy_origin(name), _secagg(cls), cls.citation or "-")
-            for name, cls in strategies.items()]
+    infos, broken = strategy_infos()
+    rows = [(name, info["origin"], _secagg(info), info["citation"] or "-")
+            for name, info in infos.items()]
     header = ("name", "origin", "secure aggregation", "reference")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     for row in [header, *rows]:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
                    + "  " + row[3])
-    for name, why in broken_plugins().items():
+    for name, why in broken.items():
         typer.echo(f"{name}: BROKEN - {why}")
 
 
@@ -45,28 +43,24 @@ def show_strategy(
     name: Annotated[str, typer.Argument(help="A registered name or 'package.module:Class'.")],
 ) -> None:
     """A strategy's ``[strategy]`` keys with their defaults and allowed ranges."""
-    from confide.strategies import get_strategy, strategy_origin
+    from confide.cli.strategy_catalog import strategy_info
 
-    cls = get_strategy(name)
-    summary = (cls.__doc__ or "").strip().splitlines()
-    typer.echo(f"{name}: {summary[0] if summary else cls.__name__}")
-    typer.echo(f"  origin: {strategy_origin(name)}")
-    typer.echo(f"  reference: {cls.citation or '-'}")
-    typer.echo(f"  secure aggregation: {_secagg(cls)}")
-    fields = dataclasses.fields(cls.Params)
-    if not fields:
+    info = strategy_info(name)
+    typer.echo(f"{name}: {info['summary']}")
+    typer.echo(f"  origin: {info['origin']}")
+    typer.echo(f"  reference: {info['citation'] or '-'}")
+    typer.echo(f"  secure aggregation: {_secagg(info)}")
+    if not info["params"]:
         typer.echo("  parameters: none")
         return
     typer.echo("  parameters ([strategy] keys):")
-    for f in fields:
-        meta: dict[str, Any] = dict(f.metadata or {})
-        bounds = ", ".join(f"{sym} {meta[k]}" for k, sym in
+    for p in info["params"]:
+        bounds = ", ".join(f"{sym} {p[k]}" for k, sym in
                            (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
-                           if meta.get(k) is not None)
-        default = f.default if f.default is not dataclasses.MISSING else "(required)"
-        help_text = meta.get("help") or ""
-        typer.echo(f"    {f.name} = {default!r}" + (f"  [{bounds}]" if bounds else "")
-                   + (f"  {help_text}" if help_text else ""))
+                           if p.get(k) is not None)
+        default = repr(p["default"]) if "default" in p else "(required)"
+        typer.echo(f"    {p['name']} = {default}" + (f"  [{bounds}]" if bounds else "")
+                   + (f"  {p['help']}" if p["help"] else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -200,7 +200,7 @@ class Coordinator:
                     extra = f" (after {attempt} retries)" if attempt else ""
                     raise RoundFailedError(f"{exc}{extra}") from None
                 attempt += 1
-                log.warning("round %d failed (%s); retrying with a fresh cohort (%d of %d)",
+                log.info("round %d failed (%s); retrying with a fresh cohort (%d of %d)",
                             rnd, exc, attempt, self.config.cohort.max_retries)
 
     # ------------------------------------------------------------------ helpers

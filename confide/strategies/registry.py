@@ -10,9 +10,11 @@ error saying what is wrong, and ``confide strategies list`` shows it as broken.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 from importlib.metadata import entry_points
 
+from confide.config import register_unknown_key_hint
 from confide.exceptions import StrategyError
 from confide.strategies.base import Strategy
 
@@ -121,6 +123,35 @@ def _import_path(name: str) -> type[Strategy]:
     if cls is None:
         raise StrategyError(f"strategy {name!r}: module {module_name!r} has no {attr!r}")
     return _check_contract(cls, f"strategy {name!r}")
+
+
+def _unknown_key_hint(params: type, key: str) -> str:
+    """``strategy.KEY`` is unknown to the strategy whose ``Params`` is ``params``: who takes it?"""
+    _load_plugins()
+    users = sorted(n for n, c in _REGISTRY.items() if c.Params is params)
+    keys = sorted(f.name for f in dataclasses.fields(params))
+    owners = sorted(n for n, c in _REGISTRY.items()
+                    if key in {f.name for f in dataclasses.fields(c.Params)})
+    # strategies without parameters share one Params class, so several names can match
+    if keys:
+        whose = f"{users[0]}'s" if len(users) == 1 else "this strategy's"
+        own = f"allowed keys in [strategy]: {', '.join(keys)} ({whose})"
+    elif users:
+        own = (" and ".join(users) + (" take" if len(users) > 1 else " takes")
+               + " no [strategy] keys")
+    else:
+        own = "this strategy takes no [strategy] keys"
+    if owners:
+        where = f"it belongs to: {', '.join(owners)}"
+    else:
+        every = {f.name for c in _REGISTRY.values() for f in dataclasses.fields(c.Params)}
+        close = difflib.get_close_matches(key, sorted(every), n=1)
+        where = (f"did you mean strategy.{close[0]}?" if close else
+                 "no registered strategy takes it (see 'confide strategies show NAME')")
+    return f"unknown key strategy.{key}; {own}; {where}"
+
+
+register_unknown_key_hint("strategy.", _unknown_key_hint)
 
 
 def get_strategy(name: str) -> type[Strategy]:

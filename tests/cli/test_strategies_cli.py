@@ -15,7 +15,7 @@ def _simulate(tmp_path, capsys, *sets):
 
 @pytest.mark.parametrize(("sets", "message"), [
     (["strategy.name='fedsgd'"],
-     "error: unknown strategy 'fedsgd'; available: fedadagrad, fedadam, fedavg, fedavgm, "
+     "error: unknown strategy 'fedsgd'; available: fedadagrad, fedadam, fedavg, fedavgm, fedbuff, "
      "fedmedian, fedprox, fedyogi, krum, scaffold, trimmedmean"),
     (["strategy.name='no_such_package.strategies:FedFoo'"],
      "error: strategy 'no_such_package.strategies:FedFoo': cannot import "
