@@ -196,7 +196,7 @@ def test_lenet_matches_sequential(image_data, lowering):
     trainer = vsim.coordinator.executor.trainer
     if lowering == "unfold":
         assert trainer.layout.unfolded == ("features.0", "features.3")
-        assert isinstance(trainer.fmodel.features[0], vec._UnfoldConv2d)
+        assert isinstance(trainer.fmodel.features[0], vec.UnfoldConv2d)
     else:
         assert trainer.layout.unfolded == ()
 
