@@ -77,11 +77,45 @@ def _sizes_differ(sim) -> bool:
     pytest.param(["privacy.mode='central'", "privacy.noise_multiplier=0.5",
                   "privacy.clip_norm=0.5", "cohort.size=5"], id="client-level-dp"),
     pytest.param(["client.batch_size=1000"], id="one-batch-per-epoch"),
+    pytest.param(["secure_aggregation.enabled=true", "run.rounds=2"], id="secure-aggregation"),
 ])
 def test_vectorized_matches_sequential(extra):
     seq, vsim = _assert_same(extra)
     assert _sizes_differ(seq)
     assert vsim.coordinator.executor.fallback_reason is None
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="fedavg"),
+    pytest.param(["privacy.mode='central'", "privacy.noise_multiplier=0.5",
+                  "privacy.clip_norm=0.5", "privacy.adaptive_clipping=true"],
+                 id="central-dp-adaptive"),
+    pytest.param(["strategy.name='scaffold'", "simulation.dropout_rate=0.3"],
+                 id="scaffold-dropouts"),
+])
+def test_cohort_stays_on_the_device_without_host_reads(extra, monkeypatch):
+    """run_cohort builds the batch with tensor operations only: no tensor is read back to the
+    host (``item``, ``tolist``, ``cpu``, ``float()``/``int()``) inside it."""
+    cfg = load_config(None, [*BASE, "simulation.executor='vectorized'", *extra])
+    sim = build_simulation(cfg)
+    coord = sim.coordinator
+    instructions = coord.strategy.configure_round(1)
+    tasks = [coord._task(cid, 1, instructions) for cid in range(10)]
+    coord._inject_dropouts(tasks, 1)
+    ex = coord.executor
+    ex.run_cohort(tasks)  # warm-up: chunk sizing reads the free memory once
+
+    def host_read(self, *args, **kwargs):
+        raise AssertionError("a tensor was read back to the host inside run_cohort")
+
+    for name in ("item", "tolist", "cpu", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    out = ex.run_cohort(tasks)
+    monkeypatch.undo()
+    assert out.batch.updates.device == coord.params.device
+    assert len(out.batch) + len(out.failures) == len(tasks)
+    assert set(out.batch.metrics) == {"train_loss", "train_accuracy"}
+    assert out.batch.metrics["train_loss"].shape == (len(out.batch),)
 
 
 def test_chunked_cohort_matches_sequential():
