@@ -19,6 +19,7 @@ from confide.config import load_config
 from confide.exceptions import DeviceError
 from confide.simulations import vectorized as vec
 from confide.simulations.run import build_simulation
+from confide.simulations.vectorized.schedule import chunk_schedule
 
 BASE = [
     "run.rounds=3",
@@ -386,6 +387,29 @@ def test_client_batches_cover_every_sample_each_epoch(n, batch, epochs, seed):
         taken = block[block >= 0]
         # LocalTrainer.fit's order: one randperm per epoch, batches in order, none dropped
         assert (taken == part[torch.randperm(n, generator=gen).numpy()]).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=8), batch=st.integers(1, 20),
+       epochs=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_chunk_schedule_stacks_each_clients_batches(sizes, batch, epochs, seed):
+    """The chunk's [clients, steps, width] schedule holds every client's own batches."""
+    s = TrainSettings(epochs=epochs, batch_size=batch)
+    offsets = np.cumsum([0, *sizes])
+    parts = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(sizes))]
+    jobs = [vec.Job(slot=i, client_id=i, seed=seed + i, num_samples=n,
+                    num_steps=vec.num_local_steps(n, s)) for i, n in enumerate(sizes)]
+    sched = chunk_schedule(jobs, parts, s, torch.device("cpu"), torch.float64)
+    for i, job in enumerate(jobs):
+        own = vec.client_batches(parts[i], job.seed, s)
+        steps, width = own.shape
+        got = sched.index[i, :steps, :width].numpy()
+        real = own >= 0
+        assert (got[real] == own[real]).all()
+        counts = torch.as_tensor(real.sum(1), dtype=torch.float64)
+        assert torch.equal(sched.count[i, :steps], counts)
+        assert float(sched.weight[i].sum()) == pytest.approx(steps)  # each batch's mean
+        assert float(sched.count[i, steps:].sum()) == 0  # finished: no samples after
 
 
 @settings(max_examples=40, deadline=None)

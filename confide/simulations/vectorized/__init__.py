@@ -19,6 +19,7 @@ The package, along its seams (lowest first; none imports a later one):
   trains;
 * :mod:`.schedule` — client batches (plain and DP-SGD), chunks, shards over ranks;
 * :mod:`.optimizers` — SGD / Adam and the strategy's client rule on stacked weights;
+* :mod:`.device` — device time, out-of-memory detection, cuDNN autotuning;
 * :mod:`.trainer` — the cohort trainer (chunks, memory, CUDA graphs, DP-SGD steps);
 * :mod:`.results` — trained rows to the round's :class:`~confide.round.ResultBatch`;
 * :mod:`.ranks` — several ranks through ``torch.distributed``, reducing sums;

@@ -44,6 +44,7 @@ from confide.simulations.vectorized.conv import (
     lower_convolutions,
     lowerable,
 )
+from confide.simulations.vectorized.device import DeviceClock
 from confide.simulations.vectorized.eligibility import probe_model, vectorization_blocker
 from confide.simulations.vectorized.layout import ModelLayout, model_layout
 from confide.simulations.vectorized.options import DROP_MESSAGE, OPTIMIZERS, VectorizedOptions
@@ -55,7 +56,7 @@ from confide.simulations.vectorized.schedule import (
     num_local_steps,
     shard_jobs,
 )
-from confide.simulations.vectorized.trainer import CohortTrainer, DeviceClock, TrainOutput
+from confide.simulations.vectorized.trainer import CohortTrainer, TrainOutput
 from confide.strategies.base import Strategy
 
 __all__ = ["VectorizedExecutor"]

@@ -46,11 +46,12 @@ from confide.round import (
     accept_finite,
     sum_batch,
 )
+from confide.simulations.vectorized.device import DeviceClock
 from confide.simulations.vectorized.layout import ModelLayout
 from confide.simulations.vectorized.options import VectorizedOptions
 from confide.simulations.vectorized.results import finish_rows
 from confide.simulations.vectorized.schedule import Job, training_order
-from confide.simulations.vectorized.trainer import CohortTrainer, DeviceClock, TrainOutput
+from confide.simulations.vectorized.trainer import CohortTrainer, TrainOutput
 from confide.strategies.base import Strategy
 
 __all__ = ["RankPool", "FinishSpec", "ExchangeStats"]

@@ -119,18 +119,16 @@ def chunk_schedule(jobs: Sequence[Job], partitions: Sequence[np.ndarray],
                    settings: TrainSettings, device: torch.device, dtype: torch.dtype, *,
                    dp_sgd: bool = False) -> ChunkSchedule:
     """A chunk's batches, padded to one width and moved to ``device`` in one copy each."""
-    batches = dp_sgd_batches if dp_sgd else client_batches
-    per_client = [batches(np.asarray(partitions[j.client_id]), j.seed, settings) for j in jobs]
-    steps = max((b.shape[0] for b in per_client), default=0)
-    width = max((b.shape[1] for b in per_client), default=0)
-    index = np.full((len(jobs), steps, width), -1, dtype=np.int64)
-    for i, b in enumerate(per_client):
-        index[i, : b.shape[0], : b.shape[1]] = b
+    if dp_sgd:
+        index, lengths = _stacked([dp_sgd_batches(np.asarray(partitions[j.client_id]), j.seed,
+                                                  settings) for j in jobs])
+    else:
+        index, lengths = _plain_index(jobs, partitions, settings)
+    steps = index.shape[1]
     mask = index >= 0
     count = mask.sum(-1)
     weight = mask / np.maximum(count, 1)[..., None]
     index[~mask] = 0
-    lengths = np.array([b.shape[0] for b in per_client])
     active = [int((lengths > s).sum()) for s in range(steps)]
     uniform = bool(mask.all())
     pin = device.type == "cuda"
@@ -140,8 +138,46 @@ def chunk_schedule(jobs: Sequence[Job], partitions: Sequence[np.ndarray],
         return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
 
     return ChunkSchedule(move(index, torch.int64), move(weight, dtype),
-                     move(count.astype(np.float64), torch.float64), active, uniform)
+                         move(count.astype(np.float64), torch.float64), active, uniform)
 
+
+def _stacked(per_client: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Clients' ``[steps, width]`` batches in one ``[C, S, B]`` array padded with -1."""
+    steps = max((b.shape[0] for b in per_client), default=0)
+    width = max((b.shape[1] for b in per_client), default=0)
+    index = np.full((len(per_client), steps, width), -1, dtype=np.int64)
+    for i, b in enumerate(per_client):
+        index[i, : b.shape[0], : b.shape[1]] = b
+    return index, np.array([b.shape[0] for b in per_client], dtype=np.int64)
+
+
+def _plain_index(jobs: Sequence[Job], partitions: Sequence[np.ndarray],
+                 settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`client_batches` of every job, written straight into one ``[C, S, B]`` array.
+
+    The same permutations (one generator, reseeded per client: the state of a fresh
+    generator with that seed) without a per-client array: the host work of a chunk's
+    schedule is one ``randperm`` and one gather per client and epoch.
+    """
+    bs, epochs = settings.batch_size, settings.epochs
+    sizes = [len(partitions[j.client_id]) for j in jobs]
+    lengths = np.array([epochs * math.ceil(n / bs) for n in sizes], dtype=np.int64)
+    steps = int(lengths.max(initial=0))
+    width = min(bs, max(sizes, default=0))
+    index = np.full((len(jobs), steps, width), -1, dtype=np.int64)
+    gen = torch.Generator(device="cpu")
+    for i, (job, n) in enumerate(zip(jobs, sizes, strict=True)):
+        if n == 0:
+            continue
+        part = np.asarray(partitions[job.client_id])
+        gen.manual_seed(job.seed)
+        per_epoch = math.ceil(n / bs)
+        for epoch in range(epochs):
+            # batch k of the epoch is row k: consecutive slices of batch_size (width is
+            # batch_size whenever a client has more than one batch per epoch)
+            rows = index[i, epoch * per_epoch:(epoch + 1) * per_epoch].reshape(-1)
+            rows[:n] = part[torch.randperm(n, generator=gen).numpy()]
+    return index, lengths
 
 
 def training_order(jobs: Sequence[Job]) -> list[int]:

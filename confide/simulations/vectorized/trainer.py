@@ -13,12 +13,10 @@ bfloat16 compute, CUDA graphs or ``torch.compile`` for the local step.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +30,7 @@ from confide.client.trainer import TrainSettings
 from confide.exceptions import DeviceError
 from confide.privacy.base import SampleLevelDP
 from confide.simulations.vectorized.conv import lower_convolutions
+from confide.simulations.vectorized.device import DeviceClock, cudnn_autotune, is_oom
 from confide.simulations.vectorized.layout import ModelLayout
 from confide.simulations.vectorized.optimizers import apply_local_update
 from confide.simulations.vectorized.options import VectorizedOptions, autocast
@@ -42,24 +41,9 @@ from confide.simulations.vectorized.schedule import (
     training_order,
 )
 
-__all__ = ["CohortTrainer", "TrainOutput", "DeviceClock", "is_oom", "cudnn_autotune"]
+__all__ = ["CohortTrainer", "TrainOutput"]
 
 log = logging.getLogger("confide")
-
-
-@contextlib.contextmanager
-def cudnn_autotune(device: torch.device) -> Iterator[None]:
-    """Let cuDNN pick the fastest algorithms for the chunk's fixed conv shapes."""
-    if device.type != "cuda" or torch.backends.cudnn.deterministic:
-        yield
-        return
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
 
 
 @dataclass
@@ -102,49 +86,6 @@ class TrainOutput:
     order: list[int]  # row r holds job order[r]
     loss_sum: torch.Tensor  # [n] float64, by row
     correct: torch.Tensor  # [n] int64, by row
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is the device (or host) running out of memory."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text
-                                              or "can't allocate memory" in text)
-
-
-class DeviceClock:
-    """Device time of the training kernels, chunk by chunk.
-
-    CUDA events on the compute stream, read only after the round (reading them waits for the
-    device); wall time on the CPU.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.laps: list[tuple[Any, Any]] = []
-        self._mark = self._event()
-
-    def _event(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def lap(self) -> None:
-        """End of a chunk's training."""
-        end = self._event()
-        self.laps.append((self._mark, end))
-        self._mark = self._event()
-
-    def seconds(self) -> float:
-        """Total training time (waits for the device to reach the last lap)."""
-        if not self.cuda:
-            return sum(b - a for a, b in self.laps)
-        for _, end in self.laps:
-            end.synchronize()
-        return sum(a.elapsed_time(b) for a, b in self.laps) / 1e3
 
 
 class CohortTrainer:
