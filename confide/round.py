@@ -43,8 +43,16 @@ RoundProgress = Callable[[int, int], None]
 
 
 def column(values: Sequence[float], device: torch.device | str) -> torch.Tensor:
-    """A per-client column of a :class:`ResultBatch`: float64 ``[n]`` on ``device``."""
-    return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    """A per-client column of a :class:`ResultBatch`: float64 ``[n]`` on ``device``.
+
+    Copied from pinned memory without blocking: a blocking host-to-device copy waits for
+    every kernel queued before it (a host sync in the middle of the round).
+    """
+    host = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return host.pin_memory().to(dev, non_blocking=True)
+    return host.to(dev)
 
 
 @dataclass(frozen=True)
