@@ -17,22 +17,14 @@ from confide.client.pipeline import ClientPipeline
 from confide.client.round import finish_cohort
 from confide.client.trainer import TrainSettings
 from confide.privacy.base import SampleLevelDP
-from confide.round import ClientTask, ResultBatch
+from confide.round import ClientTask, ResultBatch, column
 from confide.simulations.vectorized.schedule import Job, dp_sgd_steps_per_epoch
 from confide.strategies.base import Strategy
 
-__all__ = ["finish_rows", "dp_sgd_event", "host_column"]
+__all__ = ["finish_rows", "dp_sgd_event"]
 
 # DPSGDPrivacy's info keys (confide.privacy.dpsgd.INFO_*; importing it would import opacus)
 _INFO_NOISE, _INFO_RATE, _INFO_STEPS = "dp_noise_multiplier", "dp_sample_rate", "dp_steps"
-
-
-def host_column(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    """A float64 ``[n]`` column of host values on ``device`` without a host synchronisation."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def dp_sgd_event(job: Job, settings: TrainSettings, spec: SampleLevelDP) -> dict[str, Any]:
@@ -53,7 +45,7 @@ def finish_rows(tasks: Sequence[ClientTask], jobs: Sequence[Job], updates: torch
     ``train_loss`` and ``train_accuracy`` are ``loss_sum / seen`` and ``correct / seen`` with
     ``seen = samples x epochs``, as ``LocalTrainer.fit`` reports them.
     """
-    seen = host_column([max(1, j.num_samples * settings.epochs) for j in jobs], updates.device)
+    seen = column([max(1, j.num_samples * settings.epochs) for j in jobs], updates.device)
     metrics = {"train_loss": loss_sum.to(torch.float64) / seen,
                "train_accuracy": correct.to(torch.float64) / seen}
     info = [dp_sgd_event(j, settings, dp_sgd) for j in jobs] if dp_sgd is not None else None
