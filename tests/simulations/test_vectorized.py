@@ -3,6 +3,7 @@ survives out-of-memory chunks, and spreads a cohort over torch.distributed ranks
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -169,6 +170,27 @@ def test_dropped_clients_fail_like_sequential():
         assert torch.allclose(oa.update, rb.update, rtol=1e-9, atol=1e-12)
         assert oa.num_steps == rb.num_steps
         assert oa.metrics == pytest.approx(rb.metrics, rel=1e-9)
+
+
+def test_clients_without_a_vectorised_optimizer_join_the_batch(caplog):
+    """Tasks whose optimizer has no vectorised rule train sequentially; their rows are
+    concatenated with the vectorised ones, on the same device, equal to sequential's."""
+    seq, _ = _run("sequential", ["run.rounds=1"])
+    vsim = build_simulation(load_config(None, [*BASE, "simulation.executor='vectorized'"]))
+    coord = vsim.coordinator
+    tasks = [coord._task(cid, 1, coord.strategy.configure_round(1)) for cid in range(10)]
+    for t in tasks[::3]:  # LocalTrainer runs an unknown optimizer name as SGD
+        t.settings = dataclasses.replace(t.settings, optimizer="sgd-nesterov-free")
+    with caplog.at_level(logging.WARNING, logger="confide"):
+        b = coord.executor.run_cohort(tasks).batch
+    assert any("train sequentially" in r.message for r in caplog.records)
+    a = seq.coordinator.executor.run_cohort(tasks).batch
+    assert sorted(b.client_ids) == list(range(10)) and b.device == coord.params.device
+    rows = {cid: i for i, cid in enumerate(a.client_ids)}
+    for i, cid in enumerate(b.client_ids):
+        assert torch.allclose(b.updates[i], a.updates[rows[cid]], rtol=1e-9, atol=1e-12)
+        assert float(b.metrics["train_loss"][i]) == pytest.approx(
+            float(a.metrics["train_loss"][rows[cid]]), rel=1e-9)
 
 
 # --------------------------------------------------------------------------- DP-SGD
