@@ -92,3 +92,31 @@ def test_ranks_send_rows_when_sums_do_not_suffice(extra, why):
     assert executor.fallback_reason is None
     assert why in executor.rows_reason
     executor.close()
+
+
+@pytest.mark.slow
+def test_a_failing_rank_zero_leaves_the_group_usable(monkeypatch):
+    """Rank 0 failing mid-round still takes part in the exchange, so close() stops the
+    workers (no rank left waiting in a collective)."""
+    from confide.simulations.vectorized.ranks import RankPool
+    from confide.simulations.vectorized.trainer import CohortTrainer
+
+    sim = _simulation(["simulation.world_size=2"])
+    executor = sim.coordinator.executor
+    pools = []
+    real_close = RankPool.close
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("rank 0 broke (simulated)")
+
+    def close(self):
+        pools.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(CohortTrainer, "train", broken)
+    monkeypatch.setattr(RankPool, "close", close)
+    with pytest.raises(RuntimeError, match="simulated"):
+        sim.coordinator.run()
+    assert executor._pool is None and pools  # closed by run()'s finally
+    # the worker finished its round and left on "stop" (not terminated after a timeout)
+    assert [p.exitcode for p in pools[0].procs] == [0]

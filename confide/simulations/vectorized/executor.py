@@ -324,11 +324,16 @@ class VectorizedExecutor(SimulationExecutor):
         self._pool.start_round(shards, plan.settings, plan.global_params,
                                [None, *(self._corrections(s, plan) for s in shards[1:])],
                                finish, exchange)
-        own = trainer.train(shards[0], plan.settings, plan.global_params,
-                            self._corrections(shards[0], plan))
-        own_rows = [shards[0][j] for j in own.order]
-        if finish is not None:  # sums: rank 0's rows stay its batch, the others' are summed
-            batch = self._finish(own_rows, own, plan, tasks)
+        try:
+            own = trainer.train(shards[0], plan.settings, plan.global_params,
+                                self._corrections(shards[0], plan))
+            own_rows = [shards[0][j] for j in own.order]
+            batch = self._finish(own_rows, own, plan, tasks) if finish is not None else None
+        except Exception:
+            self._pool.abandon_round(sums=finish is not None, shards=shards,
+                                     size=self.layout.size, dtype=trainer.dtype)
+            raise
+        if batch is not None:  # sums: rank 0's rows stay its batch, the others' are summed
             return batch, self._pool.reduce_sums(batch.dim, batch.updates.dtype, exchange)
         others = self._pool.gather_rows(shards, self.layout.size, trainer.dtype, exchange)
         rows = own_rows + [s[j] for s, o in zip(shards[1:], others, strict=True)

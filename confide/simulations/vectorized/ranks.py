@@ -20,6 +20,7 @@ apart as ``task_bytes``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -332,36 +333,51 @@ class RankPool:
                          metric_sums={"train_loss": sums[width + 2],
                                       "num_examples": sums[width + 3]})
 
+    def abandon_round(self, *, sums: bool, shards: list[list[Job]], size: int,
+                      dtype: torch.dtype) -> None:
+        """Rank 0 failed mid-round: it still takes part in the exchange the other ranks wait
+        in, so that the group stays usable for ``close`` (the caller re-raises its error).
+        """
+        import torch.distributed as dist
+
+        with contextlib.suppress(DeviceError):
+            if not sums:
+                self.gather_rows(shards, size, dtype, ExchangeStats())
+                return
+            w = torch.zeros(1, dtype=torch.int64, device=self.device)
+            dist.all_reduce(w, op=dist.ReduceOp.MAX)
+            width = int(w.item())
+            sums_ = torch.zeros(width + len(_TAIL), dtype=torch.float64, device=self.device)
+            sums_[-1] = 1.0  # rank 0 failed
+            dist.all_reduce(sums_)
+
     def gather_rows(self, shards: list[list[Job]], size: int, dtype: torch.dtype,
                     stats: ExchangeStats) -> list[TrainOutput]:
         """Receive ranks 1..N-1's trained rows onto rank 0's device."""
         import torch.distributed as dist
 
-        outputs = []
+        outputs, failed = [], []
         for rank in range(1, self.world_size):
             status = torch.zeros(1, dtype=torch.int64, device=self.device)
             dist.recv(status, src=rank)
-            if int(status.item()):
-                raise DeviceError(f"vectorized: rank {rank} could not train its clients (see "
-                                  "its log above)")
             n = len(shards[rank])
             updates = torch.empty(n, size, dtype=dtype, device=self.device)
-            if n == 0:
-                outputs.append(TrainOutput(updates, [], torch.zeros(0, dtype=torch.float64,
-                                                                    device=self.device),
-                                           torch.zeros(0, dtype=torch.int64,
-                                                       device=self.device)))
-                continue
-            meta = torch.empty(n, 2, dtype=torch.float64, device=self.device)
-            clock = DeviceClock(self.device)
-            dist.recv(meta, src=rank)
-            dist.recv(updates, src=rank)
-            clock.lap()
-            stats.clocks.append(clock)
-            stats.rank_bytes += _nbytes(meta) + _nbytes(updates)
+            meta = torch.zeros(n, 2, dtype=torch.float64, device=self.device)
+            if int(status.item()):
+                failed.append(rank)  # it sends nothing more this round
+            elif n:
+                clock = DeviceClock(self.device)
+                dist.recv(meta, src=rank)
+                dist.recv(updates, src=rank)
+                clock.lap()
+                stats.clocks.append(clock)
+                stats.rank_bytes += _nbytes(meta) + _nbytes(updates)
             # the worker's trainer took its jobs in this order
-            outputs.append(TrainOutput(updates, training_order(shards[rank]), meta[:, 0].clone(),
+            outputs.append(TrainOutput(updates, training_order(shards[rank]), meta[:, 0],
                                        meta[:, 1].to(torch.int64)))
+        if failed:
+            raise DeviceError(f"vectorized: rank {failed[0]} could not train its clients (see "
+                              "its log above)")
         return outputs
 
     def close(self) -> None:
