@@ -15,7 +15,13 @@ are all the round needs, and rows otherwise:
   back), DP-SGD (each client's privacy event is charged to its own account), or a client
   pipeline that cannot be pickled for the ranks;
 * sums: everything else, central DP with adaptive clipping included (its report is a column
-  of the update, so it is summed with it).
+  of the update, so it is summed with it). Rank 0 returns its own rows as the batch and the
+  other ranks' all-reduced sums as ``CohortOutcome.reduced``; reading their count is the
+  round's one host read on rank 0 besides the coordinator's finite check.
+
+``stats[-1]`` reports the round's clients, wall and device seconds, and with several ranks
+``rank_bytes`` (weights, sums or rows, corrections), ``task_bytes`` (the task table) and
+``rank_exchange_s``.
 """
 
 from __future__ import annotations
