@@ -13,12 +13,17 @@ Workloads (issue 7):
 Every executor runs the same rounds from the same seed (round 1 is the warm-up: CUDA start-up,
 cuDNN autotuning, graph capture; rounds 2.. are timed). Reported per executor:
 
-* ``s/round`` and clients/s of the whole round (coordinator included: sampling, aggregation of
-  every client's update on the host, server update);
-* clients/s of the executor alone (``run_clients``: training plus returning each client's
-  update to the host);
+* ``s/round`` and clients/s of the whole round (coordinator included: sampling, the finite
+  check, aggregation of the result batch, server update);
+* clients/s of the executor alone (``run_cohort`` until its result batch is ready on the
+  device: the benchmark waits for the device after it, which costs the round nothing, since
+  the coordinator's finite check waits there next);
+* the time outside the executor (the coordinator's own work) and its share of the round;
 * clients/s and TFLOP/s of the training computation alone: the vectorized executor's device
-  time (CUDA events, copies excluded); for ``sequential`` the executor time is the computation;
+  time (CUDA events); for ``sequential`` the executor time is the computation;
+* with ``--world-size N``: the bytes rank 0 exchanges with the other ranks per round (global
+  weights out, sums or rows back; the task table apart), the seconds of that exchange and its
+  share of the round;
 * peak GPU memory; the relative difference of the final weights from ``sequential``'s.
 
 FLOPs are counted with ``torch.utils.flop_counter`` on one local step of the model (forward +
@@ -34,6 +39,8 @@ otherwise. Writes ``benchmarks/results/simulation_speed.{json,md}`` (``--quick``
     python benchmarks/simulation_speed.py --device cuda              # both workloads
     python benchmarks/simulation_speed.py --device cuda --compile    # + torch.compile variant
     python benchmarks/simulation_speed.py --workloads lenet --clients 2000 --world-size 2
+    python benchmarks/simulation_speed.py --workloads lenet --clients 16000 \
+        --executors vectorized,"vectorized bf16 + CUDA graphs"   # a 16,000-client cohort
     python benchmarks/simulation_speed.py --quick                    # tiny CPU smoke run
 """
 
@@ -167,6 +174,27 @@ def variants(device: str, include_compile: bool, world_size: int) -> list[tuple[
     return out
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_executor(executor: Any, device: torch.device) -> list[float]:
+    """Wall seconds of each ``run_cohort`` until its batch is ready on the device."""
+    real = executor.run_cohort
+    seconds: list[float] = []
+
+    def run_cohort(tasks: Any) -> Any:
+        t = time.perf_counter()
+        out = real(tasks)
+        _sync(device)  # the coordinator's finite check would wait here next
+        seconds.append(time.perf_counter() - t)
+        return out
+
+    executor.run_cohort = run_cohort
+    return seconds
+
+
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -199,6 +227,7 @@ def run_variant(label: str, overrides: list[str], device: torch.device, flops: f
     row["build_s"] = time.perf_counter() - t0
     coord = sim.coordinator
     executor = coord.executor
+    executor_wall = _time_executor(executor, device)
     # evaluation is not part of a round's speed: done once, after the last round
     evaluator, coord.evaluator = coord.evaluator, None
     rounds_wall = []
@@ -208,8 +237,7 @@ def run_variant(label: str, overrides: list[str], device: torch.device, flops: f
         for rnd in range(1, cfg.run.rounds + 1):
             t = time.perf_counter()
             coord.run_round(rnd)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _sync(device)
             rounds_wall.append(time.perf_counter() - t)
     finally:
         executor.close()
@@ -217,26 +245,41 @@ def run_variant(label: str, overrides: list[str], device: torch.device, flops: f
     timed = list(range(1, len(rounds_wall))) or [0]
     clients = coord.history[-1]["num_sampled"]
     round_s = float(np.mean([rounds_wall[i] for i in timed]))
-    train_s = float(np.mean([coord.timings[i]["train_s"] for i in timed]))
+    train_s = float(np.mean([executor_wall[i] for i in timed]))
     round_flops = flops * samples_per_client * clients
     row.update({
         "rounds": len(rounds_wall), "timed_rounds": len(timed), "clients_per_round": clients,
         "first_round_s": rounds_wall[0], "s_per_round": round_s,
         "clients_per_s_round": clients / round_s,
         "executor_s": train_s, "clients_per_s_executor": clients / train_s,
+        "outside_executor_s": round_s - train_s,
+        "outside_executor_share": (round_s - train_s) / round_s,
         "tflops_executor": round_flops / train_s / 1e12,
         "peak_gpu_gib": _peak(device),
         "fallback": getattr(executor, "fallback_reason", None),
         "final_accuracy": evaluator(coord.params)["accuracy"] if evaluator else None,
     })
     stats = getattr(executor, "stats", None)
-    if stats and getattr(executor, "options", None) is not None and \
-            executor.options.world_size == 1:
+    options = getattr(executor, "options", None)
+    if stats and options is not None and getattr(executor, "trainer", None) is not None:
         compute = float(np.mean([stats[i]["compute_s"] for i in timed]))
+        label_ranks = " (rank 0)" if options.world_size > 1 else ""
         row["compute_s"] = compute
-        row["clients_per_s_compute"] = clients / compute
-        row["tflops_compute"] = round_flops / compute / 1e12
+        row["compute_note"] = f"device time{label_ranks}"
+        if options.world_size == 1:
+            row["clients_per_s_compute"] = clients / compute
+            row["tflops_compute"] = round_flops / compute / 1e12
         row["conv_unfolded"] = list(executor.trainer.layout.unfolded)
+        if options.world_size > 1:
+            exchange = float(np.mean([stats[i]["rank_exchange_s"] for i in timed]))
+            row.update({
+                "rank_bytes_per_round": float(np.mean([stats[i]["rank_bytes"]
+                                                       for i in timed])),
+                "task_bytes_per_round": float(np.mean([stats[i]["task_bytes"]
+                                                       for i in timed])),
+                "rank_exchange_s": exchange, "rank_exchange_share": exchange / round_s,
+                "rank_exchange": "rows" if executor.rows_reason else "sums",
+                "rank_rows_reason": executor.rows_reason})
     elif label == "sequential":
         row["compute_s"] = train_s  # one client at a time: the executor is the computation
         row["clients_per_s_compute"] = clients / train_s
@@ -290,14 +333,15 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{w['flops_per_sample'] / 1e6:.1f} MFLOP; per client per round: "
                   f"{w['flops_per_sample'] * w['samples_per_client'] / 1e9:.2f} GFLOP.", "",
                   "| executor | clients/round | s/round | clients/s (round) | clients/s "
-                  "(executor) | clients/s (training) | TFLOP/s (training) | TFLOP/s "
-                  "(executor) | x sequential (round / executor / training) | peak GPU GiB "
-                  "| rel. diff of weights vs sequential | first round s | accuracy |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "(executor) | outside executor s (share) | clients/s (training) "
+                  "| TFLOP/s (training) | TFLOP/s (executor) | x sequential (round / executor "
+                  "/ training) | peak GPU GiB | rel. diff of weights vs sequential "
+                  "| first round s | accuracy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in w["results"]:
             if "skipped" in r or "error" in r:
                 lines.append(f"| {r['executor']} | {r.get('skipped') or r.get('error')} "
-                             + "| " * 11 + "|")
+                             + "| " * 12 + "|")
                 continue
             ratio = (f"{_fmt(r.get('speedup_round'), 1)} / "
                      f"{_fmt(r.get('speedup_executor'), 1)} / "
@@ -306,12 +350,22 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {r['executor']} | {r['clients_per_round']} | {_fmt(r['s_per_round'], 3)} "
                 f"| {_fmt(r['clients_per_s_round'], 0)} "
                 f"| {_fmt(r['clients_per_s_executor'], 0)} "
+                f"| {_fmt(r['outside_executor_s'], 3)} "
+                f"({100 * r['outside_executor_share']:.0f}%) "
                 f"| {_fmt(r.get('clients_per_s_compute'), 0)} "
                 f"| {_fmt(r.get('tflops_compute'))} | {_fmt(r['tflops_executor'])} | {ratio} "
                 f"| {_fmt(r['peak_gpu_gib'])} | {_fmt(r.get('rel_diff_vs_sequential'))} "
                 f"| {_fmt(r['first_round_s'], 1)} | {_fmt(r['final_accuracy'], 4)} |")
         notes = [f"- {r['executor']}: fell back to sequential ({r['fallback']})"
                  for r in w["results"] if r.get("fallback")]
+        notes += [f"- {r['executor']}: ranks exchange {r['rank_exchange']}: "
+                  f"{r['rank_bytes_per_round'] / 2**20:.3f} MiB per round (+ task table "
+                  f"{r['task_bytes_per_round'] / 2**10:.1f} KiB), "
+                  f"{_fmt(r['rank_exchange_s'], 4)} s = "
+                  f"{100 * r['rank_exchange_share']:.1f}% of the round"
+                  + (f" (rows because {r['rank_rows_reason']})" if r["rank_rows_reason"]
+                     else "")
+                  for r in w["results"] if "rank_bytes_per_round" in r]
         notes += [f"- {r['executor']}: convolutions run as unfold + bmm: "
                   f"{', '.join(r['conv_unfolded']) or 'none (grouped convolution)'}"
                   for r in w["results"] if "conv_unfolded" in r]
@@ -331,11 +385,12 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {_fmt(c['unfold_tflops'])} |")
         lines.append("")
     lines += ["Columns: *round* = the coordinator's whole round (sampling, training, the "
-              "aggregation of every client's update on the host, server update); *executor* "
-              "= `run_clients` (training plus each client's update copied to the host); "
-              "*training* = the vectorized executor's device time for the local training "
-              "(CUDA events, host copies excluded) — for `sequential` the executor time. "
-              "Round 1 (warm-up) is not timed.", ""]
+              "finite check, aggregation of the result batch, server update); *executor* "
+              "= `run_cohort` until its result batch is ready on the device; *outside "
+              "executor* = round - executor (the coordinator's own work); *training* = the "
+              "vectorized executor's device time for the local training (CUDA events; rank 0 "
+              "alone with several ranks) — for `sequential` the executor time. Round 1 "
+              "(warm-up) is not timed unless it is the only round.", ""]
     return "\n".join(lines)
 
 

@@ -43,8 +43,16 @@ RoundProgress = Callable[[int, int], None]
 
 
 def column(values: Sequence[float], device: torch.device | str) -> torch.Tensor:
-    """A per-client column of a :class:`ResultBatch`: float64 ``[n]`` on ``device``."""
-    return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    """A per-client column of a :class:`ResultBatch`: float64 ``[n]`` on ``device``.
+
+    Copied from pinned memory without blocking: a blocking host-to-device copy waits for
+    every kernel queued before it (a host sync in the middle of the round).
+    """
+    host = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return host.pin_memory().to(dev, non_blocking=True)
+    return host.to(dev)
 
 
 @dataclass(frozen=True)
@@ -277,6 +285,9 @@ class Aggregate:
     client_ids: list[int] = field(default_factory=list)
     #: set by strategies that combine individual updates (median, Krum): replaces the mean
     robust_update: torch.Tensor | None = None
+    #: for the round's record, from clients summed elsewhere (other ranks):
+    #: ``train_loss`` = sum n_i loss_i and ``num_examples`` = sum n_i
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def mean_update(self) -> torch.Tensor:
         """``update_sum / denominator`` (the weighted mean by default)."""
@@ -293,11 +304,15 @@ class Aggregate:
 
     def __add__(self, other: Aggregate) -> Aggregate:
         """The aggregate of two disjoint sets of clients (sums add)."""
+        metric_sums = dict(other.metric_sums)
+        for k, v in self.metric_sums.items():
+            metric_sums[k] = v + metric_sums[k].to(v) if k in metric_sums else v
         return Aggregate(
             update_sum=self.update_sum + other.update_sum.to(self.update_sum),
             weight_sum=self.weight_sum + other.weight_sum, count=self.count + other.count,
             aux_sum={k: v + other.aux_sum[k].to(v) for k, v in self.aux_sum.items()},
-            client_ids=sorted(self.client_ids + other.client_ids))
+            client_ids=sorted(self.client_ids + other.client_ids),
+            metric_sums=metric_sums)
 
 
 class Executor(ABC):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from confide.exceptions import ClientDropped
-from confide.parameters import get_flat_params, set_flat_params
+from confide.parameters import flat_layout, get_flat_params, set_flat_params
 from confide.round import TrainSettings
 from confide.strategies.base import ClientRule
 
@@ -32,17 +32,10 @@ class FitOutput:
 
 
 def _param_slices(model: nn.Module) -> list[tuple[nn.Parameter, slice]]:
-    """Where each trainable parameter lives in the flat vector (state_dict order)."""
+    """Where each trainable parameter lives in the flat vector (``flat_layout`` order)."""
     by_name = dict(model.named_parameters())
-    out, offset = [], 0
-    for name, value in model.state_dict().items():
-        if not torch.is_floating_point(value):
-            continue
-        n = value.numel()
-        if name in by_name:
-            out.append((by_name[name], slice(offset, offset + n)))
-        offset += n
-    return out
+    return [(by_name[e.name], slice(e.start, e.stop)) for e in flat_layout(model)
+            if e.name in by_name]
 
 
 class LocalTrainer:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from confide.clock import VirtualClock
 from confide.exceptions import ConfigError
 from confide.round import ClientResult, ClientTask, ResultBatch
 from confide.seeding import derive_rng, derive_seed
@@ -94,8 +95,6 @@ class BufferedCoordinator(Coordinator):
     # ------------------------------------------------------------------ the schedule
     def run_round(self, rnd: int, *, attempt: int = 0) -> RoundRecord:
         """Fill the next buffer from the arrivals, then run steps 5-9 on it."""
-        from confide.simulations.latency import VirtualClock
-
         t0 = time.perf_counter()
         k = int(self.strategy.params.buffer_size)
         self.privacy.check_budget(rnd, k)

@@ -275,11 +275,19 @@ class Coordinator:
                 aggregate: Aggregate, epsilon: float | None) -> RoundRecord:
         summed = set(aggregate.client_ids)
         used = [i for i, cid in enumerate(batch.client_ids) if cid in summed]
-        train_loss = 0.0
+        # clients summed on other ranks report their example-weighted loss sums
+        loss_sum = aggregate.metric_sums.get("train_loss")
+        examples = aggregate.metric_sums.get("num_examples")
         if used and "train_loss" in batch.metrics:
             part = batch.select(used)
             w = part.num_examples
-            train_loss = float((w * part.metrics["train_loss"]).sum() / w.sum().clamp_min(1.0))
+            own_loss, own_examples = (w * part.metrics["train_loss"]).sum(), w.sum()
+            loss_sum = own_loss if loss_sum is None else own_loss + loss_sum.to(own_loss)
+            examples = own_examples if examples is None else own_examples + examples.to(
+                own_examples)
+        train_loss = 0.0
+        if loss_sum is not None and examples is not None:
+            train_loss = float(loss_sum / examples.clamp_min(1.0))
         record: RoundRecord = {
             "round": rnd,
             "num_sampled": num_sampled,

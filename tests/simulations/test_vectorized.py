@@ -3,6 +3,7 @@ survives out-of-memory chunks, and spreads a cohort over torch.distributed ranks
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from confide.client.trainer import TrainSettings
 from confide.config import load_config
 from confide.exceptions import DeviceError
 from confide.simulations import vectorized as vec
+from confide.simulations.vectorized.schedule import chunk_schedule
 
 BASE = [
     "run.rounds=3",
@@ -77,11 +79,45 @@ def _sizes_differ(sim) -> bool:
     pytest.param(["privacy.mode='central'", "privacy.noise_multiplier=0.5",
                   "privacy.clip_norm=0.5", "cohort.size=5"], id="client-level-dp"),
     pytest.param(["client.batch_size=1000"], id="one-batch-per-epoch"),
+    pytest.param(["secure_aggregation.enabled=true", "run.rounds=2"], id="secure-aggregation"),
 ])
 def test_vectorized_matches_sequential(extra):
     seq, vsim = _assert_same(extra)
     assert _sizes_differ(seq)
     assert vsim.coordinator.executor.fallback_reason is None
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="fedavg"),
+    pytest.param(["privacy.mode='central'", "privacy.noise_multiplier=0.5",
+                  "privacy.clip_norm=0.5", "privacy.adaptive_clipping=true"],
+                 id="central-dp-adaptive"),
+    pytest.param(["strategy.name='scaffold'", "simulation.dropout_rate=0.3"],
+                 id="scaffold-dropouts"),
+])
+def test_cohort_stays_on_the_device_without_host_reads(extra, monkeypatch):
+    """run_cohort builds the batch with tensor operations only: no tensor is read back to the
+    host (``item``, ``tolist``, ``cpu``, ``float()``/``int()``) inside it."""
+    cfg = load_config(None, [*BASE, "simulation.executor='vectorized'", *extra])
+    sim = build_simulation(cfg)
+    coord = sim.coordinator
+    instructions = coord.strategy.configure_round(1)
+    tasks = [coord._task(cid, 1, instructions) for cid in range(10)]
+    coord._inject_dropouts(tasks, 1)
+    ex = coord.executor
+    ex.run_cohort(tasks)  # warm-up: chunk sizing reads the free memory once
+
+    def host_read(self, *args, **kwargs):
+        raise AssertionError("a tensor was read back to the host inside run_cohort")
+
+    for name in ("item", "tolist", "cpu", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    out = ex.run_cohort(tasks)
+    monkeypatch.undo()
+    assert out.batch.updates.device == coord.params.device
+    assert len(out.batch) + len(out.failures) == len(tasks)
+    assert set(out.batch.metrics) == {"train_loss", "train_accuracy"}
+    assert out.batch.metrics["train_loss"].shape == (len(out.batch),)
 
 
 def test_chunked_cohort_matches_sequential():
@@ -134,6 +170,27 @@ def test_dropped_clients_fail_like_sequential():
         assert torch.allclose(oa.update, rb.update, rtol=1e-9, atol=1e-12)
         assert oa.num_steps == rb.num_steps
         assert oa.metrics == pytest.approx(rb.metrics, rel=1e-9)
+
+
+def test_clients_without_a_vectorised_optimizer_join_the_batch(caplog):
+    """Tasks whose optimizer has no vectorised rule train sequentially; their rows are
+    concatenated with the vectorised ones, on the same device, equal to sequential's."""
+    seq, _ = _run("sequential", ["run.rounds=1"])
+    vsim = build_simulation(load_config(None, [*BASE, "simulation.executor='vectorized'"]))
+    coord = vsim.coordinator
+    tasks = [coord._task(cid, 1, coord.strategy.configure_round(1)) for cid in range(10)]
+    for t in tasks[::3]:  # LocalTrainer runs an unknown optimizer name as SGD
+        t.settings = dataclasses.replace(t.settings, optimizer="sgd-nesterov-free")
+    with caplog.at_level(logging.WARNING, logger="confide"):
+        b = coord.executor.run_cohort(tasks).batch
+    assert any("train sequentially" in r.message for r in caplog.records)
+    a = seq.coordinator.executor.run_cohort(tasks).batch
+    assert sorted(b.client_ids) == list(range(10)) and b.device == coord.params.device
+    rows = {cid: i for i, cid in enumerate(a.client_ids)}
+    for i, cid in enumerate(b.client_ids):
+        assert torch.allclose(b.updates[i], a.updates[rows[cid]], rtol=1e-9, atol=1e-12)
+        assert float(b.metrics["train_loss"][i]) == pytest.approx(
+            float(a.metrics["train_loss"][rows[cid]]), rel=1e-9)
 
 
 # --------------------------------------------------------------------------- DP-SGD
@@ -196,7 +253,7 @@ def test_lenet_matches_sequential(image_data, lowering):
     trainer = vsim.coordinator.executor.trainer
     if lowering == "unfold":
         assert trainer.layout.unfolded == ("features.0", "features.3")
-        assert isinstance(trainer.fmodel.features[0], vec._UnfoldConv2d)
+        assert isinstance(trainer.fmodel.features[0], vec.UnfoldConv2d)
     else:
         assert trainer.layout.unfolded == ()
 
@@ -352,6 +409,29 @@ def test_client_batches_cover_every_sample_each_epoch(n, batch, epochs, seed):
         taken = block[block >= 0]
         # LocalTrainer.fit's order: one randperm per epoch, batches in order, none dropped
         assert (taken == part[torch.randperm(n, generator=gen).numpy()]).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=8), batch=st.integers(1, 20),
+       epochs=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_chunk_schedule_stacks_each_clients_batches(sizes, batch, epochs, seed):
+    """The chunk's [clients, steps, width] schedule holds every client's own batches."""
+    s = TrainSettings(epochs=epochs, batch_size=batch)
+    offsets = np.cumsum([0, *sizes])
+    parts = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(sizes))]
+    jobs = [vec.Job(slot=i, client_id=i, seed=seed + i, num_samples=n,
+                    num_steps=vec.num_local_steps(n, s)) for i, n in enumerate(sizes)]
+    sched = chunk_schedule(jobs, parts, s, torch.device("cpu"), torch.float64)
+    for i, job in enumerate(jobs):
+        own = vec.client_batches(parts[i], job.seed, s)
+        steps, width = own.shape
+        got = sched.index[i, :steps, :width].numpy()
+        real = own >= 0
+        assert (got[real] == own[real]).all()
+        counts = torch.as_tensor(real.sum(1), dtype=torch.float64)
+        assert torch.equal(sched.count[i, :steps], counts)
+        assert float(sched.weight[i].sum()) == pytest.approx(steps)  # each batch's mean
+        assert float(sched.count[i, steps:].sum()) == 0  # finished: no samples after
 
 
 @settings(max_examples=40, deadline=None)
