@@ -119,14 +119,16 @@ class LocalTrainer:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    batch_size: int = 2048) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``(x, y)``."""
+    """Accuracy and mean cross-entropy of ``model`` on ``(x, y)`` (one host sync at the end)."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    totals = torch.zeros(2, dtype=torch.float64, device=x.device)  # loss sum, correct
     for start in range(0, len(y), batch_size):
         logits = model(x[start : start + batch_size])
         yb = y[start : start + batch_size]
-        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
+        totals[0] += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
+        totals[1] += (logits.argmax(1) == yb).sum().double()
+    loss_sum, correct = totals.tolist()
     n = max(1, len(y))
     loss = loss_sum / n
-    return {"accuracy": correct / n, "loss": loss if math.isfinite(loss) else float("nan")}
+    return {"accuracy": int(correct) / n,
+            "loss": loss if math.isfinite(loss) else float("nan")}

@@ -31,7 +31,7 @@ from confide.round import (
     TrainSettings,
     accept_finite,
 )
-from confide.seeding import derive_rng, derive_seed
+from confide.seeding import derive_rng, derive_seeds
 from confide.server.checkpoint import save_checkpoint
 from confide.server.history import plot_history, write_history, write_timings
 from confide.server.sampling import sample_cohort
@@ -105,7 +105,7 @@ class Coordinator:
 
         # 2. Configure: the instructions every sampled client gets.
         instructions = self.strategy.configure_round(rnd)
-        tasks = [self._task(int(cid), rnd, instructions) for cid in cohort]
+        tasks = self._tasks(cohort, rnd, instructions)
         self._inject_dropouts(tasks, rnd, attempt)
 
         # 3.+4. Local training and the client privacy pipeline, on each client's device;
@@ -204,17 +204,22 @@ class Coordinator:
                             rnd, exc, attempt, self.config.cohort.max_retries)
 
     # ------------------------------------------------------------------ helpers
-    def _task(self, cid: int, rnd: int, instructions: Any) -> ClientTask:
+    def _tasks(self, cohort: np.ndarray, rnd: int, instructions: Any) -> list[ClientTask]:
+        """The cohort's tasks: one settings object, one seed per client (vectorised)."""
         c = self.config.client
-        return ClientTask(
-            client_id=cid, server_round=rnd, global_params=self.params,
-            instructions=instructions,
-            settings=TrainSettings(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                                   momentum=c.momentum, weight_decay=c.weight_decay,
-                                   optimizer=c.optimizer),
-            seed=derive_seed(self.config.run.seed, "client", rnd, cid),
-            client_state=self.client_states.get(cid, {}),
-        )
+        settings = TrainSettings(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
+                                 momentum=c.momentum, weight_decay=c.weight_decay,
+                                 optimizer=c.optimizer)
+        seeds = derive_seeds(self.config.run.seed, "client", rnd, keys=cohort).tolist()
+        states = self.client_states
+        return [ClientTask(client_id=int(cid), server_round=rnd, global_params=self.params,
+                           instructions=instructions, settings=settings, seed=seed,
+                           client_state=states.get(int(cid), {}))
+                for cid, seed in zip(cohort.tolist(), seeds, strict=True)]
+
+    def _task(self, cid: int, rnd: int, instructions: Any) -> ClientTask:
+        """One client's task (as :meth:`_tasks` makes it)."""
+        return self._tasks(np.array([cid]), rnd, instructions)[0]
 
     def _cohort_seconds(self, cohort: np.ndarray, rnd: int) -> float:
         """Virtual seconds until the slowest of ``cohort`` has sent its update."""

@@ -42,7 +42,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,7 +50,7 @@ import numpy as np
 
 from confide.clock import VirtualClock
 from confide.exceptions import ConfigError
-from confide.seeding import derive_rng
+from confide.seeding import keyed_normals
 
 if TYPE_CHECKING:
     from confide.config import Config
@@ -149,8 +149,6 @@ class LogNormalLatency(LatencyModel):
     down_bytes_per_s: float = 5.0e6
     network_sigma: float = 0.8
     rtt_s: float = 0.1
-    _factors: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False,
-                                            compare=False)
 
     def __post_init__(self) -> None:
         for name in ("train_s_per_sample", "up_bytes_per_s", "down_bytes_per_s"):
@@ -162,20 +160,16 @@ class LogNormalLatency(LatencyModel):
 
     def client_factors(self, client_id: int) -> np.ndarray:
         """The client's persistent (speed, upload, download) standard normals."""
-        cid = int(client_id)
-        if cid not in self._factors:  # a cache: the values are a pure function of the seed
-            self._factors[cid] = derive_rng(self.seed, "latency", "client", cid).standard_normal(3)
-        return self._factors[cid]
+        return keyed_normals(self.seed, "latency", "client", keys=np.array([int(client_id)]),
+                             width=3)[0]
 
     def _durations(self, ids: np.ndarray, tasks: np.ndarray, samples: np.ndarray,
                    up: np.ndarray, down: np.ndarray) -> TaskDurations:
-        # One small generator per (client, task): a loop over the clients asked, never over
-        # coordinates; it is what makes a client's time independent of the rest of the call.
-        fixed = np.stack([self.client_factors(int(c)) for c in ids]) if ids.size else \
-            np.zeros((0, 3))
-        fresh = np.stack([derive_rng(self.seed, "latency", "task", int(c), int(t))
-                          .standard_normal(3) for c, t in zip(ids, tasks, strict=True)]) \
-            if ids.size else np.zeros((0, 3))
+        # Counter-based normals keyed by (client) and (client, task): a client's time is
+        # independent of the rest of the call, and a cohort costs array operations only.
+        fixed = keyed_normals(self.seed, "latency", "client", keys=ids, width=3)
+        fresh = keyed_normals(self.seed, "latency", "task", keys=np.stack([ids, tasks], axis=1)
+                              if ids.size else np.zeros((0, 2), dtype=np.int64), width=3)
         speed = np.exp(self.speed_sigma * fixed[:, 0] + self.jitter_sigma * fresh[:, 0])
         up_bw = self.up_bytes_per_s * np.exp(self.network_sigma * fixed[:, 1]
                                              + self.jitter_sigma * fresh[:, 1])

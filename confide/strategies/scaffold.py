@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from confide.exceptions import StrategyError
+from confide.round import column
 from confide.strategies.base import (
     ClientRule,
     RoundInstructions,
@@ -150,9 +151,9 @@ class Scaffold(Strategy):
                                for r in c_rows])
         else:
             c_i = zeros
-        path = torch.tensor([lr * effective_local_steps(int(k), momentum) if k > 0 else 1.0
-                             for k in num_steps], dtype=client_updates.dtype,
-                            device=client_updates.device)
-        trained = torch.tensor([k > 0 for k in num_steps], device=client_updates.device)
+        dev = client_updates.device
+        path = column([lr * effective_local_steps(int(k), momentum) if k > 0 else 1.0
+                       for k in num_steps], dev).to(client_updates.dtype)
+        trained = column([1.0 if k > 0 else 0.0 for k in num_steps], dev) > 0
         c_i_new = torch.where(trained[:, None], c_i - c - client_updates / path[:, None], c_i)
         return {"delta_c": c_i_new - c_i}, {"c_i": c_i_new}

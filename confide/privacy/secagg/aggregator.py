@@ -170,8 +170,10 @@ class SecureAggregator(Aggregator):
         Each client's protocol messages are computed from its own row (one device-to-host
         copy of the batch: the masks and shares are computed by ``cryptography`` on the host).
         """
+        device = torch.device("cpu")
         if isinstance(batch, ResultBatch):
             results: Sequence[ClientResult] = batch.results()
+            device = batch.device  # the sum goes back where the global model lives
         else:  # a deployment's replies, one ClientResult per client
             results = batch
         results = sorted(results, key=lambda r: r.client_id)
@@ -234,7 +236,7 @@ class SecureAggregator(Aggregator):
         log.info("secure aggregation, round %d: %d of %d clients summed (degree %d, threshold "
                  "%d, %d bits)%s", server_round, len(report.included), n, degree, threshold, bits,
                  " WITHOUT MASKS (insecure)" if report.insecure else "")
-        return self._decode(words, report.included, first, dim, aux_names, quantiser)
+        return self._decode(words, report.included, first, dim, aux_names, quantiser).to(device)
 
     def message_path(self, clients: dict[int, SecAggClient],
                      contributions: dict[int, Contribution], drop_after: dict[int, str],
