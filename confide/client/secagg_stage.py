@@ -52,17 +52,15 @@ def unpack(content: RecordDict, what: str, *, max_bytes: int = MAX_MESSAGE_BYTES
     return data.tobytes()
 
 
-def request_bound(session: ClientSession) -> int:
-    """The largest request a client of this job accepts.
+def request_bound(*, num_clients: int) -> int:
+    """The largest request a client of a job of ``num_clients`` clients accepts.
 
     A request carries no vector and lists at most all the job's clients
     (:func:`confide.privacy.secagg.wire.max_message_bytes`).
     """
     from confide.privacy.secagg.wire import max_message_bytes
 
-    if session.job is None:
-        return MAX_MESSAGE_BYTES
-    return max_message_bytes(vector_length=0, bits=8, cohort_size=session.job.num_clients)
+    return max_message_bytes(vector_length=0, bits=8, cohort_size=num_clients)
 
 
 def handle_secagg_stage(content: RecordDict, session: ClientSession) -> RecordDict:
@@ -98,6 +96,6 @@ def handle_secagg_stage(content: RecordDict, session: ClientSession) -> RecordDi
         state["contribution"] = aggregator._contribution(  # noqa: SLF001 - same rule as sim
             session.last_result, weighting, aux_names)
     request = unpack(content, "the coordinator's secure-aggregation request",
-                     max_bytes=request_bound(session))
+                     max_bytes=request_bound(num_clients=session.config.data.num_clients))
     reply = state["client"].handle(request, state["contribution"])
     return pack(reply)
