@@ -29,20 +29,24 @@ from typing import Any
 
 import tomli_w
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from confide.exceptions import ConfigError, SecurityError
-from confide.server.ca import (
+from confide.pki import (
     CURVE,
+    decode_json_object,
     fingerprint_pin,
     load_certificate,
     load_private_key,
+    make_csr,
+    parse_token,
     same_public_key,
+    valid_client_name,
     write_private_key,
 )
-from confide.server.enrolment import parse_token
 
 __all__ = [
     "ClientIdentity",
@@ -53,6 +57,7 @@ __all__ = [
     "parse_address",
     "ENROL_PATH",
     "CA_PATH",
+    "decode_enrolment_answer",
 ]
 
 ENROL_PATH = "/confide/v1/enrol"
@@ -164,21 +169,35 @@ def _staging(target: Path) -> Any:
         raise
 
 
-def _csr(key: ec.EllipticCurvePrivateKey, name: str | None) -> bytes:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name or "confide-client")])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
-    return csr.public_bytes(serialization.Encoding.PEM)
+_csr = make_csr
+
+
+def decode_enrolment_answer(answer: Any) -> tuple[str, x509.Certificate, x509.Certificate]:
+    """``(name, certificate, ca_certificate)`` of the coordinator's answer (SecurityError).
+
+    Only parsed here; :func:`_finish` checks the CA pin, the issuer, the key and the usage.
+    """
+    if not isinstance(answer, dict):
+        raise SecurityError("the coordinator's enrolment answer is malformed")
+    name, cert_pem, ca_pem = (answer.get(k) for k in ("name", "certificate", "ca_certificate"))
+    if not all(isinstance(v, str) for v in (name, cert_pem, ca_pem)) \
+            or not (cert_pem.isascii() and ca_pem.isascii()):  # type: ignore[union-attr]
+        raise SecurityError("the coordinator's enrolment answer is malformed")
+    if not valid_client_name(name):  # type: ignore[arg-type]
+        raise SecurityError("the coordinator's enrolment answer names the client wrongly")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode("ascii"))  # type: ignore[union-attr]
+        ca = x509.load_pem_x509_certificate(ca_pem.encode("ascii"))  # type: ignore[union-attr]
+        cert.public_key(), ca.public_key()  # noqa: B018 - parse them now, not later
+    except (ValueError, UnsupportedAlgorithm):
+        raise SecurityError("the coordinator's enrolment answer is malformed") from None
+    return str(name), cert, ca
 
 
 def _finish(folder: Path, *, key: ec.EllipticCurvePrivateKey, answer: dict[str, Any],
             pin: bytes, coordinator: str) -> str:
     """Check the coordinator's answer and write the certificate files into ``folder``."""
-    try:
-        cert = x509.load_pem_x509_certificate(str(answer["certificate"]).encode())
-        ca = x509.load_pem_x509_certificate(str(answer["ca_certificate"]).encode())
-        name = str(answer["name"])
-    except (KeyError, ValueError, TypeError):
-        raise SecurityError("the coordinator's enrolment answer is malformed") from None
+    name, cert, ca = decode_enrolment_answer(answer)
     if not hmac.compare_digest(fingerprint_pin(ca), pin):
         raise SecurityError("the answer's CA does not match the token's federation")
     try:
@@ -190,7 +209,7 @@ def _finish(folder: Path, *, key: ec.EllipticCurvePrivateKey, answer: dict[str, 
         raise SecurityError("the issued certificate is for a different key")
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):  # absent, or an extension that does not parse
         eku = None
     if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise SecurityError("the issued certificate is not a TLS client certificate")
@@ -305,12 +324,14 @@ def enrol_online(*, coordinator: str, token: str, directory: str | Path,
         finally:
             sock.close()
         try:
-            answer = json.loads(reply)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            answer: dict[str, Any] | None = decode_json_object(
+                reply, what="the coordinator's answer", max_bytes=_MAX_RESPONSE)
+        except SecurityError:
             answer = None
-        if status != 200 or not isinstance(answer, dict):
-            reason = answer.get("error") if isinstance(answer, dict) else None
-            raise SecurityError(f"enrolment refused: {reason or f'HTTP {status}'}")
+        if status != 200 or answer is None:
+            reason = answer.get("error") if answer is not None else None
+            reason = str(reason)[:200] if reason else f"HTTP {status}"
+            raise SecurityError(f"enrolment refused: {reason}")
         return _finish(folder, key=key, answer=answer, pin=pin, coordinator=coordinator)
 
 
@@ -352,14 +373,19 @@ def import_answer(*, directory: str | Path, answer_file: str | Path,
     except (json.JSONDecodeError, KeyError, ValueError):
         raise ConfigError(f"{str(pending_path)!r} is damaged") from None
     try:
-        answer = json.loads(Path(answer_file).read_text(encoding="utf-8"))
+        text = Path(answer_file).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"answer file {str(answer_file)!r} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except OSError as exc:
+        raise ConfigError(f"answer file {str(answer_file)!r} is unreadable ({exc})") from None
+    try:
+        answer = decode_json_object(text, what=f"answer file {str(answer_file)!r}",
+                                    max_bytes=_MAX_RESPONSE)
+    except SecurityError:
         raise SecurityError(f"answer file {str(answer_file)!r} is not valid JSON") from None
-    if not isinstance(answer, dict):
-        raise SecurityError("the enrolment answer is malformed")
     address = coordinator or pending.get("coordinator") or answer.get("coordinator")
+    if not isinstance(address, str | None):
+        raise SecurityError("the enrolment answer names the coordinator wrongly")
     if not address:
         raise ConfigError("give --coordinator HOST:PORT (the answer does not name it)")
     parse_address(address)
