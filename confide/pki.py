@@ -51,6 +51,7 @@ __all__ = [
     "parse_token",
     "decode_json_object",
     "b64encode",
+    "X509_PARSE_ERRORS",
 ]
 
 #: ECDSA P-256 with SHA-256 everywhere: accepted by TLS 1.3 (RFC 8446, Sec. 4.2.3) and by
@@ -63,6 +64,11 @@ TOKEN_PREFIX = "cfd1"  # noqa: S105 - a format tag, not a secret
 _MAX_TOKEN_CHARS = 512
 #: a P-256 CSR in PEM is about 450 bytes; a P-521 one under 1 KiB
 _MAX_CSR_BYTES = 16 * 1024
+#: what ``cryptography`` raises for X.509/PKCS #10 input it cannot parse: ValueError for bad
+#: DER/PEM, InvalidVersion (not a ValueError) for an unknown version field, UnsupportedAlgorithm
+#: for a key or signature algorithm it does not implement
+X509_PARSE_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, UnsupportedAlgorithm,
+                                                  x509.InvalidVersion)
 
 
 def valid_client_name(name: str) -> bool:
@@ -102,7 +108,7 @@ def load_certificate(path: Path) -> x509.Certificate:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:
         raise SecurityError(f"certificate {str(path)!r} not found") from None
-    except ValueError as exc:
+    except X509_PARSE_ERRORS as exc:
         raise SecurityError(f"certificate {str(path)!r} is not a readable PEM certificate "
                             f"({exc})") from None
 
@@ -154,7 +160,7 @@ def load_csr(pem: bytes) -> x509.CertificateSigningRequest:
         raise SecurityError("the certificate signing request is missing or oversized")
     try:
         csr = x509.load_pem_x509_csr(pem)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+    except X509_PARSE_ERRORS:
         raise SecurityError("the certificate signing request is not a valid PEM CSR") from None
     check_csr(csr)
     return csr
@@ -170,7 +176,7 @@ def check_csr(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
         # PKCS #10 (RFC 2986, Sec. 4.2): the request is signed with the private key of the
         # public key it carries, which proves the client holds that key.
         signature_ok = csr.is_signature_valid
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+    except X509_PARSE_ERRORS:
         raise SecurityError("the certificate signing request is not a valid PEM CSR") from None
     if not signature_ok:
         raise SecurityError("the certificate signing request's signature is invalid")

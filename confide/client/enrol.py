@@ -29,7 +29,6 @@ from typing import Any
 
 import tomli_w
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -37,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from confide.exceptions import ConfigError, SecurityError
 from confide.pki import (
     CURVE,
+    X509_PARSE_ERRORS,
     decode_json_object,
     fingerprint_pin,
     load_certificate,
@@ -64,6 +64,8 @@ ENROL_PATH = "/confide/v1/enrol"
 CA_PATH = "/confide/v1/ca"
 _PENDING = "pending.json"
 _MAX_RESPONSE = 1 << 20
+_EXTENSION_ERRORS: tuple[type[Exception], ...] = (
+    x509.ExtensionNotFound, x509.DuplicateExtension, *X509_PARSE_ERRORS)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -172,47 +174,50 @@ def _staging(target: Path) -> Any:
 _csr = make_csr
 
 
-def decode_enrolment_answer(answer: Any) -> tuple[str, x509.Certificate, x509.Certificate]:
-    """``(name, certificate, ca_certificate)`` of the coordinator's answer (SecurityError).
+def decode_enrolment_answer(answer: Any, *, key: ec.EllipticCurvePrivateKey,
+                            pin: bytes) -> tuple[str, x509.Certificate, x509.Certificate]:
+    """``(name, certificate, ca_certificate)`` of the coordinator's answer, all checked.
 
-    Only parsed here; :func:`_finish` checks the CA pin, the issuer, the key and the usage.
+    The CA must match the token's pin, the certificate must be issued by it, for ``key``,
+    and for TLS client authentication (RFC 5280, Sec. 4.2.1.12). Any failure, including
+    input ``cryptography`` cannot parse, is a one-line SecurityError.
     """
     if not isinstance(answer, dict):
         raise SecurityError("the coordinator's enrolment answer is malformed")
     name, cert_pem, ca_pem = (answer.get(k) for k in ("name", "certificate", "ca_certificate"))
-    if not all(isinstance(v, str) for v in (name, cert_pem, ca_pem)) \
-            or not (cert_pem.isascii() and ca_pem.isascii()):  # type: ignore[union-attr]
+    if not (isinstance(name, str) and isinstance(cert_pem, str) and isinstance(ca_pem, str)
+            and cert_pem.isascii() and ca_pem.isascii()):
         raise SecurityError("the coordinator's enrolment answer is malformed")
-    if not valid_client_name(name):  # type: ignore[arg-type]
+    if not valid_client_name(name):
         raise SecurityError("the coordinator's enrolment answer names the client wrongly")
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem.encode("ascii"))  # type: ignore[union-attr]
-        ca = x509.load_pem_x509_certificate(ca_pem.encode("ascii"))  # type: ignore[union-attr]
-        cert.public_key(), ca.public_key()  # noqa: B018 - parse them now, not later
-    except (ValueError, UnsupportedAlgorithm):
+        cert = x509.load_pem_x509_certificate(cert_pem.encode("ascii"))
+        ca = x509.load_pem_x509_certificate(ca_pem.encode("ascii"))
+        cert_key = cert.public_key()
+    except X509_PARSE_ERRORS:
         raise SecurityError("the coordinator's enrolment answer is malformed") from None
-    return str(name), cert, ca
+    if not hmac.compare_digest(fingerprint_pin(ca), pin):
+        raise SecurityError("the answer's CA does not match the token's federation")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception:  # noqa: BLE001 - any failure means "not issued by this CA"
+        raise SecurityError("the issued certificate is not signed by the federation CA"
+                            ) from None
+    if not same_public_key(cert_key, key.public_key()):
+        raise SecurityError("the issued certificate is for a different key")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except _EXTENSION_ERRORS:
+        eku = None  # absent, or extensions that do not parse
+    if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise SecurityError("the issued certificate is not a TLS client certificate")
+    return name, cert, ca
 
 
 def _finish(folder: Path, *, key: ec.EllipticCurvePrivateKey, answer: dict[str, Any],
             pin: bytes, coordinator: str) -> str:
     """Check the coordinator's answer and write the certificate files into ``folder``."""
-    name, cert, ca = decode_enrolment_answer(answer)
-    if not hmac.compare_digest(fingerprint_pin(ca), pin):
-        raise SecurityError("the answer's CA does not match the token's federation")
-    try:
-        cert.verify_directly_issued_by(ca)
-    except Exception:  # noqa: BLE001
-        raise SecurityError("the issued certificate is not signed by the federation CA"
-                            ) from None
-    if not same_public_key(cert.public_key(), key.public_key()):
-        raise SecurityError("the issued certificate is for a different key")
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except (x509.ExtensionNotFound, ValueError):  # absent, or an extension that does not parse
-        eku = None
-    if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-        raise SecurityError("the issued certificate is not a TLS client certificate")
+    name, cert, ca = decode_enrolment_answer(answer, key=key, pin=pin)
     (folder / "client.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (folder / "client.toml").write_text(tomli_w.dumps({"client": {
@@ -284,7 +289,7 @@ def _fetch_ca(host: str, port: int, pin: bytes, *, insecure: bool,
         sock.close()
     try:
         ca = x509.load_pem_x509_certificate(body) if status == 200 else None
-    except ValueError:
+    except X509_PARSE_ERRORS:
         ca = None
     if ca is None:
         raise SecurityError(f"{host}:{port} did not answer with a federation CA (HTTP {status});"
