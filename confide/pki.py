@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from confide.exceptions import SecurityError
@@ -40,6 +42,7 @@ __all__ = [
     "write_private_key",
     "load_private_key",
     "load_certificate",
+    "parse_certificate",
     "certificate_fingerprint",
     "fingerprint_pin",
     "public_key_pem",
@@ -69,6 +72,8 @@ _MAX_CSR_BYTES = 16 * 1024
 #: for a key or signature algorithm it does not implement
 X509_PARSE_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, UnsupportedAlgorithm,
                                                   x509.InvalidVersion)
+_CERTIFICATE_ERRORS: tuple[type[Exception], ...] = (*X509_PARSE_ERRORS,
+                                                    CryptographyDeprecationWarning)
 
 
 def valid_client_name(name: str) -> bool:
@@ -111,6 +116,23 @@ def load_certificate(path: Path) -> x509.Certificate:
     except X509_PARSE_ERRORS as exc:
         raise SecurityError(f"certificate {str(path)!r} is not a readable PEM certificate "
                             f"({exc})") from None
+
+
+def parse_certificate(pem: bytes, *, what: str) -> x509.Certificate:
+    """A PEM certificate from the other side, or a one-line SecurityError naming ``what``.
+
+    A certificate ``cryptography`` parses only with a deprecation warning (a serial number
+    that is not positive, against RFC 5280, Sec. 4.1.2.2) is refused too: a Confide CA never
+    issues one, and later ``cryptography`` releases refuse it themselves.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            cert = x509.load_pem_x509_certificate(pem)
+            cert.public_key()
+    except _CERTIFICATE_ERRORS:
+        raise SecurityError(f"{what} is not a valid PEM certificate") from None
+    return cert
 
 
 def certificate_fingerprint(cert: x509.Certificate) -> str:

@@ -42,6 +42,7 @@ from confide.pki import (
     load_certificate,
     load_private_key,
     make_csr,
+    parse_certificate,
     parse_token,
     same_public_key,
     valid_client_name,
@@ -190,12 +191,9 @@ def decode_enrolment_answer(answer: Any, *, key: ec.EllipticCurvePrivateKey,
         raise SecurityError("the coordinator's enrolment answer is malformed")
     if not valid_client_name(name):
         raise SecurityError("the coordinator's enrolment answer names the client wrongly")
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem.encode("ascii"))
-        ca = x509.load_pem_x509_certificate(ca_pem.encode("ascii"))
-        cert_key = cert.public_key()
-    except X509_PARSE_ERRORS:
-        raise SecurityError("the coordinator's enrolment answer is malformed") from None
+    cert = parse_certificate(cert_pem.encode("ascii"), what="the issued certificate")
+    ca = parse_certificate(ca_pem.encode("ascii"), what="the answer's CA certificate")
+    cert_key = cert.public_key()
     if not hmac.compare_digest(fingerprint_pin(ca), pin):
         raise SecurityError("the answer's CA does not match the token's federation")
     try:
@@ -288,8 +286,8 @@ def _fetch_ca(host: str, port: int, pin: bytes, *, insecure: bool,
     finally:
         sock.close()
     try:
-        ca = x509.load_pem_x509_certificate(body) if status == 200 else None
-    except X509_PARSE_ERRORS:
+        ca = parse_certificate(body, what="the CA") if status == 200 else None
+    except SecurityError:
         ca = None
     if ca is None:
         raise SecurityError(f"{host}:{port} did not answer with a federation CA (HTTP {status});"
