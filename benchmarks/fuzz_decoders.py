@@ -79,7 +79,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"`{report['command']}` (seed {report['seed']}, {report['cases_per_decoder']:,} cases "
         f"per decoder, one in ten random bytes, the rest mutated valid messages), "
-        f"{report['machine']}, {report['finished']}.",
+        f"{report['machine']}, {report['finished']}"
+        f"{'' if report['complete'] else ' (INCOMPLETE: interrupted)'}.",
         "",
         "| decoder | decoded | documented error | other | s | documented errors |",
         "|---|---:|---:|---:|---:|---|",
@@ -114,20 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.WARNING)
     command = "python benchmarks/fuzz_decoders.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    results = []
+    results: list[dict[str, Any]] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.decoders:
         r = fuzz(name, cases=args.cases, seed=args.seed)
         results.append(r)
         print(f"{name:18s} decoded {r['decoded']:>7,}  documented {r['documented']:>7,}  "
               f"other {r['other']:>3}  {r['seconds']:7.1f} s", flush=True)
-    report = {"command": command, "seed": args.seed, "cases_per_decoder": args.cases,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
-                         f"{platform.python_version()}",
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "total_other": sum(r["other"] for r in results), "decoders": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    _write(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    _write(args.out.with_suffix(".md"), _markdown(report))
+        # written after every decoder: an interrupted run keeps what it measured
+        report = {"command": command, "seed": args.seed, "cases_per_decoder": args.cases,
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
+                             f"{platform.python_version()}",
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                  "complete": len(results) == len(args.decoders),
+                  "total_other": sum(r["other"] for r in results), "decoders": results}
+        _write(args.out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+        _write(args.out.with_suffix(".md"), _markdown(report))
     print(f"total other: {report['total_other']}; wrote {args.out}.json/.md")
     return 1 if report["total_other"] else 0
 

@@ -292,46 +292,57 @@ _JOB_KEYS = ("config_toml", "input_shape", "num_classes", "num_params", "num_cli
              "dataset_size", "extra.a")
 
 
-def _mutate_records(content: RecordDict, rng: random.Random, seeds: list[bytes],
-                    config_keys: dict[str, tuple[str, ...]], array_keys: tuple[str, ...]) -> None:
+Plain = dict[str, tuple[str, dict[str, Any]]]  # record name -> ("config"|"array", fields)
+
+
+def _plain(content: RecordDict) -> Plain:
+    """A message as plain dicts (mutated cheaply; Flower validates each record assignment)."""
+    out: Plain = {name: ("config", dict(rec)) for name, rec in content.config_records.items()}
+    out.update({name: ("array", dict(rec)) for name, rec in content.array_records.items()})
+    return out
+
+
+def _records(plain: Plain) -> RecordDict:
+    return RecordDict({name: ConfigRecord(fields) if kind == "config" else ArrayRecord(fields)
+                       for name, (kind, fields) in plain.items()})
+
+
+def _mutate_records(valid: Plain, rng: random.Random, seeds: list[bytes],
+                    config_keys: dict[str, tuple[str, ...]],
+                    array_keys: tuple[str, ...]) -> RecordDict:
+    """``valid`` with 1-3 record-level edits, as a new RecordDict."""
+    msg: Plain = {name: (kind, dict(fields)) for name, (kind, fields) in valid.items()}
     for _ in range(rng.choice((1, 1, 2, 3))):
+        arrays = [n for n, (k, _) in msg.items() if k == "array"]
         op = rng.randrange(7)
-        if not content.array_records or not content.config_records:
-            op = 2 if content.config_records else -1
-        if op == -1:
-            break
+        if op in (0, 1, 4) and not arrays:
+            op = 2
         if op <= 1:  # the bytes of one array
-            name = rng.choice(list(content.array_records))
-            rec = content.array_records[name]
-            key = rng.choice(list(rec) or list(array_keys))
-            rec[key] = _array(npy_case(rng, seeds, N, 4), rng)
+            fields = msg[rng.choice(arrays)][1]
+            key = rng.choice(list(fields) or list(array_keys))
+            fields[key] = _array(npy_case(rng, seeds, N, 4), rng)
         elif op == 2:  # a config field: another value or type
             name = rng.choice(list(config_keys))
-            if name in content.config_records:
-                content.config_records[name][rng.choice(config_keys[name])] = _config_value(rng)
-        elif op == 3:  # a field removed
-            name = rng.choice(list(content.config_records) + list(content.array_records))
-            rec = content.config_records.get(name) or content.array_records.get(name)
-            if rec:
-                del rec[rng.choice(list(rec))]
+            if name in msg:
+                msg[name][1][rng.choice(config_keys[name])] = _config_value(rng)
+        elif op == 3 and msg:  # a field removed
+            fields = msg[rng.choice(list(msg))][1]
+            if fields:
+                del fields[rng.choice(list(fields))]
         elif op == 4:  # an array added under a known or unknown name
-            name = rng.choice(list(content.array_records))
             key = rng.choice(array_keys) + ("" if rng.random() < 0.5 else str(rng.randrange(99)))
-            content.array_records[name][key] = _array(npy_case(rng, seeds, N, 4), rng)
-        elif op == 5:  # many entries
+            msg[rng.choice(arrays)][1][key] = _array(npy_case(rng, seeds, N, 4), rng)
+        elif op == 5 and rng.random() < 0.3:  # many entries (beyond the 2 x 64 allowed)
             name = rng.choice(list(config_keys))
-            if name in content.config_records:
-                rec = content.config_records[name]
-                for i in range(rng.choice((10, 70, 200))):
-                    rec[f"{rng.choice(('metric', 'info', 'value', 'extra'))}.k{i}"] = 1.0
-        else:  # a whole record removed or renamed
-            name = rng.choice(list(content.config_records) + list(content.array_records))
-            if name in content.config_records:
-                rec = content.config_records.pop(name)
-                if rng.random() < 0.5:
-                    content.config_records[name + "x"] = rec
-            else:
-                content.array_records.pop(name)
+            if name in msg:
+                for i in range(rng.choice((10, 140))):
+                    msg[name][1][f"{rng.choice(('metric', 'info', 'value', 'extra'))}.k{i}"] = 1.0
+        elif msg:  # a whole record removed or renamed
+            name = rng.choice(list(msg))
+            record = msg.pop(name)
+            if rng.random() < 0.5:
+                msg[name + "x"] = record
+    return _records(msg)
 
 
 # -- 4. decode_task
@@ -339,25 +350,21 @@ def _task_decoder() -> Decoder:
     seeds = _float_seeds()
     job = JobSpec(config_toml="[run]\nseed = 1\n", input_shape=(1, 8, 8), num_classes=10,
                   num_params=N, num_clients=5, dataset_size=100, extra={"a": 1})
-
-    def valid() -> RecordDict:
-        task = ClientTask(client_id=2, server_round=3, global_params=torch.zeros(N),
-                          instructions=RoundInstructions(values={"mu": 0.1},
-                                                         tensors={"c": torch.ones(N)}),
-                          settings=TrainSettings(), seed=7, client_state={"c_i": torch.ones(N)})
-        return encode_task(task, job)
+    task = ClientTask(client_id=2, server_round=3, global_params=torch.zeros(N),
+                      instructions=RoundInstructions(values={"mu": 0.1},
+                                                     tensors={"c": torch.ones(N)}),
+                      settings=TrainSettings(), seed=7, client_state={"c_i": torch.ones(N)})
+    valid = _plain(encode_task(task, job))
 
     def generate(rng: random.Random) -> RecordDict:
-        content = valid()
-        _mutate_records(content, rng, seeds, {"confide.task": _TASK_KEYS,
-                                              "confide.job": _JOB_KEYS},
-                        ("global_params", "instr.c", "state.c_i"))
-        return content
+        return _mutate_records(valid, rng, seeds, {"confide.task": _TASK_KEYS,
+                                                   "confide.job": _JOB_KEYS},
+                               ("global_params", "instr.c", "state.c_i"))
 
     def from_bytes(data: bytes) -> RecordDict:
-        content = valid()
-        content.array_records["confide.tensors"]["global_params"] = _array(data)
-        return content
+        msg = {name: (kind, dict(fields)) for name, (kind, fields) in valid.items()}
+        msg["confide.tensors"][1]["global_params"] = _array(data)
+        return _records(msg)
 
     return Decoder("decode_task", (ProtocolError,), generate, from_bytes, decode_task,
                    "confide.client.messages.decode_task (a client decoding the coordinator)")
@@ -366,26 +373,24 @@ def _task_decoder() -> Decoder:
 # -- 5. decode_result
 def _result_decoder() -> Decoder:
     seeds = _float_seeds()
-
-    def valid(rng: random.Random | None) -> tuple[RecordDict, bool]:
-        vectors = rng is None or rng.random() < 0.8
-        result = ClientResult(client_id=1, update=torch.zeros(N), num_examples=4, num_steps=2,
-                              metrics={"train_loss": 0.5}, aux={"dc": torch.ones(N)},
-                              new_state={"c_i": torch.ones(N)}, info={"clipped": True})
-        return encode_result(result, include_vectors=vectors), vectors
+    result = ClientResult(client_id=1, update=torch.zeros(N), num_examples=4, num_steps=2,
+                          metrics={"train_loss": 0.5}, aux={"dc": torch.ones(N)},
+                          new_state={"c_i": torch.ones(N)}, info={"clipped": True})
+    valid = {True: _plain(encode_result(result, include_vectors=True)),
+             False: _plain(encode_result(result, include_vectors=False))}
 
     def generate(rng: random.Random) -> tuple[RecordDict, bool]:
-        content, vectors = valid(rng)
-        if not vectors and rng.random() < 0.3:
-            content.array_records["confide.result_tensors"]["update"] = _array(seeds[0])
-        _mutate_records(content, rng, seeds, {"confide.result": _RESULT_KEYS},
-                        ("update", "aux.dc", "state.c_i"))
-        return content, vectors
+        vectors = rng.random() < 0.8
+        base = valid[vectors]
+        if not vectors and rng.random() < 0.3:  # vectors in the clear under SecAgg
+            base = {**base, "confide.result_tensors": ("array", {"update": _array(seeds[0])})}
+        return _mutate_records(base, rng, seeds, {"confide.result": _RESULT_KEYS},
+                               ("update", "aux.dc", "state.c_i")), vectors
 
     def from_bytes(data: bytes) -> tuple[RecordDict, bool]:
-        content, _ = valid(None)
-        content.array_records["confide.result_tensors"]["update"] = _array(data)
-        return content, True
+        msg = {name: (kind, dict(fields)) for name, (kind, fields) in valid[True].items()}
+        msg["confide.result_tensors"][1]["update"] = _array(data)
+        return _records(msg), True
 
     def decode(case: tuple[RecordDict, bool]) -> Any:
         content, vectors = case
