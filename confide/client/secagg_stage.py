@@ -35,11 +35,11 @@ def pack(data: bytes) -> RecordDict:
 
 
 def unpack(content: RecordDict, what: str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
-    """The protocol bytes in ``content``: ProtocolError (only) if absent, not bytes or larger
-    than ``max_bytes``.
+    """The protocol bytes in ``content``; ProtocolError (only) if absent, malformed or big.
 
-    The ``.npy`` header is parsed by :func:`confide.client.messages.array_to_numpy`, never by
-    ``np.load``: a header claiming more bytes than arrived is refused without allocating.
+    At most ``max_bytes`` are accepted. The ``.npy`` header is parsed by
+    :func:`confide.client.messages.array_to_numpy`, never by ``np.load``: a header claiming
+    more bytes than arrived is refused without allocating.
     """
     try:
         array = content.array_records[_KEY]["bytes"]

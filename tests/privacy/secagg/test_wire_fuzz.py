@@ -13,8 +13,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-from decoder_fuzzing import CASES_PER_EXAMPLE, batches, check_batch
+from decoder_fuzzing import CASES_PER_EXAMPLE, _RecordedRound, batches, check_batch
 from hypothesis import HealthCheck, given, settings
+
+from confide.client.secagg_stage import pack, request_bound, unpack
+from confide.exceptions import ProtocolError
+from confide.privacy.secagg.wire import max_message_bytes
 
 FUZZ = settings(max_examples=2000 // CASES_PER_EXAMPLE, deadline=None,
                 suppress_health_check=list(HealthCheck))
@@ -42,3 +46,18 @@ def test_fuzz_client_stages(batch):
 @given(batch=batches())
 def test_fuzz_coordinator_stages(batch):
     check_batch("secagg_server", batch)
+
+
+def test_every_message_of_a_round_fits_the_bound():
+    """The transport's size bound admits every message a real round sends, and no more."""
+    rnd = _RecordedRound()
+    server = rnd.server
+    bound = max_message_bytes(vector_length=server.vector_length, bits=server.bits,
+                              cohort_size=len(rnd.ids))
+    requests = [m for _, m in rnd.client_states]
+    replies = [m for _, _, r in rnd.server_states for m in r.values()]
+    assert max(len(m) for m in requests + replies) <= bound
+    assert max(len(m) for m in requests) <= request_bound(num_clients=len(rnd.ids))
+    big = pack(bytes(bound + 1))
+    with pytest.raises(ProtocolError, match="at most"):
+        unpack(big, "reply", max_bytes=bound)
