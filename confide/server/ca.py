@@ -7,9 +7,10 @@ registry and an empty CRL. Client certificates are issued from certificate signi
 (the private key never leaves the client) and revoked by listing their serial in the CRL
 (RFC 5280, Sec. 5), which the gateway loads for every new TLS connection.
 
-Everything is built with ``cryptography``; nothing here is seeded: keys, serials and
-secrets come from the operating system's CSPRNG (``os.urandom`` via ``cryptography`` and
-``secrets``).
+The key, certificate and CSR helpers the client needs too live in :mod:`confide.pki` (and
+are re-exported here). Everything is built with ``cryptography``; nothing here is seeded:
+keys, serials and secrets come from the operating system's CSPRNG (``os.urandom`` via
+``cryptography`` and ``secrets``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Enrolment: one-time expiring tokens, the client registry, and revocation.
 
-A token is ``cfd1.<id>.<mac>.<pin>`` (base64url fields):
+A token is ``cfd1.<id>.<mac>.<pin>`` (base64url fields; format and parser in
+:mod:`confide.pki`, shared with the client):
 
 * ``id``: 16 random bytes naming a record in the registry (name, expiry, used or not);
 * ``mac``: HMAC-SHA256 under the federation's token key over the id, the bound client name
@@ -10,6 +11,9 @@ A token is ``cfd1.<id>.<mac>.<pin>`` (base64url fields):
 * ``pin``: the first 16 bytes of the CA certificate's SHA-256 fingerprint, so the client
   authenticates the coordinator before it sends the token (as ``kubeadm join`` pins the
   CA with ``--discovery-token-ca-cert-hash``).
+
+Requests from clients are decoded by :func:`parse_enrolment_request` (bounded, one-line
+SecurityError for anything malformed) and their CSRs by :func:`confide.pki.load_csr`.
 
 A token is consumed in the same locked registry update that records the client, so it can
 be used once even when two enrolments race. The registry is a JSON file replaced
