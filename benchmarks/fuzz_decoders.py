@@ -3,7 +3,9 @@
 The cases are those of the CI fuzz suite (``tests/decoder_fuzzing.py``): one in ten is random
 bytes, the rest a valid message mutated (bit flips, byte edits, truncation, extension,
 insertion, deletion, duplication, length-field edits, .npy header edits, JSON field edits,
-SecAgg replays), all from one seeded generator so a run can be repeated exactly. Each case
+SecAgg replays), all from one seeded generator. The valid messages themselves hold fresh
+keys, sessions and tokens (cryptographic randomness is never seeded), so the counts of the
+SecAgg and enrolment decoders vary slightly from run to run; the others repeat exactly. Each case
 either decodes, raises the decoder's documented error (ProtocolError; SecurityError for
 tokens and enrolment; RoundFailedError when a coordinator stage has too few clients left),
 or raises something else: a bug. Writes ``benchmarks/results/fuzz_decoders.json`` and
@@ -88,7 +90,10 @@ def _markdown(report: dict[str, Any]) -> str:
     for r in report["decoders"]:
         lines.append(f"| {r['decoder']} | {r['decoded']:,} | {r['documented']:,} | "
                      f"{r['other']:,} | {r['seconds']} | {', '.join(r['documented_errors'])} |")
-    lines += ["", f"Total other (undocumented) exceptions: **{report['total_other']}**.", ""]
+    lines += ["", f"Total other (undocumented) exceptions: **{report['total_other']}**.", "",
+              "The mutations are seeded; the SecAgg and enrolment messages they start from hold "
+              "fresh keys, sessions and tokens (never seeded), so those counts vary slightly "
+              "between runs.", ""]
     for r in report["decoders"]:
         lines.append(f"- **{r['decoder']}**: {r['what']}")
         for key, info in r["others"].items():
