@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import random
 import tempfile
 from collections.abc import Callable
@@ -488,12 +489,54 @@ def _answer_decoder() -> Decoder:
                    "the coordinator's answer)")
 
 
+class _ReplayedSocket:
+    """The coordinator's side of a connection: the bytes it sends, in small reads."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.data, self.chunk = data, chunk
+
+    def sendall(self, data: bytes) -> None:
+        pass
+
+    def recv(self, n: int) -> bytes:
+        out, self.data = self.data[:min(n, self.chunk)], self.data[min(n, self.chunk):]
+        return out
+
+
+def _http_decoder() -> Decoder:
+    from confide.client.enrol import _http_request
+
+    body = json.dumps({"name": "c1", "certificate": "-----BEGIN", "federation": "f"}).encode()
+    seeds = [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+             + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body,
+             b"HTTP/1.1 403 Forbidden\r\ntransfer-encoding: chunked\r\n\r\n"
+             + f"{len(body):x}".encode() + b"\r\n" + body + b"\r\n0\r\n\r\n",
+             b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + body]
+    fields = (LengthField(9, 3, "big"),)
+
+    def generate(rng: random.Random) -> tuple[bytes, int]:
+        data = mutate_bytes(rng.choice(seeds), rng, fields)
+        if rng.random() < 0.2:
+            data = text_mutation(data.decode("latin-1"), rng).encode("utf-8", "surrogatepass")
+        return data, rng.choice((1, 7, 4096))
+
+    def decode(case: tuple[bytes, int]) -> Any:
+        data, chunk = case
+        return _http_request(_ReplayedSocket(data, chunk), method="POST",  # type: ignore[arg-type]
+                             host="coordinator", path="/confide/v1/enrol", body=b"{}")
+
+    return Decoder("http_answer", (SecurityError,), generate, lambda b: (b, 4096), decode,
+                   "confide.client.enrol._http_request (a client reading the coordinator's "
+                   "HTTP answer, h11)")
+
+
 _FACTORIES: dict[str, Callable[[], Decoder]] = {
     "npy": _npy_decoder, "array_to_tensor": _tensor_decoder, "secagg_unpack": _unpack_decoder,
     "decode_task": _task_decoder, "decode_result": _result_decoder,
     "secagg_wire": _secagg_wire_decoder, "secagg_client": _secagg_client_decoder,
     "secagg_server": _secagg_server_decoder, "token": _token_decoder,
     "enrolment_request": _request_decoder, "enrolment_answer": _answer_decoder,
+    "http_answer": _http_decoder,
 }
 _BUILT: dict[str, Decoder] = {}
 #: every decoder's name, in a stable order

@@ -239,21 +239,24 @@ def _http_request(sock: ssl.SSLSocket | socket.socket, *, method: str, host: str
         sock.sendall(conn.send(h11.Data(data=body)))
     sock.sendall(conn.send(h11.EndOfMessage()))
     status, chunks, size = 0, [], 0
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = sock.recv(65536)
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Response):
-            status = event.status_code
-        elif isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > _MAX_RESPONSE:
-                raise SecurityError("the coordinator's answer is too large")
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            return status, b"".join(chunks)
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = sock.recv(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > _MAX_RESPONSE:
+                    raise SecurityError("the coordinator's answer is too large")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return status, b"".join(chunks)
+    except h11.ProtocolError as exc:  # the peer's HTTP does not parse (RFC 9112 framing)
+        raise SecurityError(f"the coordinator's answer is not valid HTTP ({exc})") from None
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:

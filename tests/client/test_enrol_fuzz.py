@@ -18,3 +18,10 @@ FUZZ = settings(max_examples=2000 // CASES_PER_EXAMPLE, deadline=None,
 @given(batch=batches())
 def test_fuzz_enrolment_answers(batch):
     check_batch("enrolment_answer", batch)
+
+
+@FUZZ
+@given(batch=batches())
+def test_fuzz_coordinator_http_answers(batch):
+    """Malformed HTTP from the coordinator (bad status lines, framing, chunking, early close)."""
+    check_batch("http_answer", batch)
