@@ -122,23 +122,24 @@ def enrol_answer(
     from confide.client.enrol import parse_address
     from confide.exceptions import ConfigError, SecurityError
     from confide.server.ca import load_federation
-    from confide.server.enrolment import EnrolmentAuthority
+    from confide.server.enrolment import EnrolmentAuthority, parse_enrolment_request
 
     if coordinator is not None:
         parse_address(coordinator)
     if output.exists():
         raise ConfigError(f"{str(output)!r} already exists; choose another --output")
     try:
-        req = json.loads(request.read_text(encoding="utf-8"))
-        token, csr = str(req["token"]), str(req["csr"]).encode("ascii")
-        name = req.get("name")
+        data = request.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"request file {str(request)!r} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        raise SecurityError(f"{str(request)!r} is not an enrolment request") from None
+    except OSError as exc:
+        raise ConfigError(f"request file {str(request)!r} is unreadable ({exc})") from None
+    try:
+        req = parse_enrolment_request(data)
+    except SecurityError as exc:  # the client's file: name it, and say what is wrong
+        raise SecurityError(f"{str(request)!r} is not an enrolment request ({exc})") from None
     authority = EnrolmentAuthority(load_federation(ca))
-    result = authority.enrol(token=token, csr_pem=csr,
-                             requested_name=name if isinstance(name, str) else None)
+    result = authority.enrol(token=req.token, csr_pem=req.csr_pem, requested_name=req.name)
     answer = result.to_json()
     if coordinator is not None:
         answer["coordinator"] = coordinator

@@ -31,18 +31,23 @@ import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from confide.exceptions import ConfigError, SecurityError
-from confide.server.ca import (
+from confide.pki import (
     CURVE,
+    X509_PARSE_ERRORS,
+    decode_json_object,
     fingerprint_pin,
     load_certificate,
     load_private_key,
+    make_csr,
+    parse_certificate,
+    parse_token,
     same_public_key,
+    valid_client_name,
     write_private_key,
 )
-from confide.server.enrolment import parse_token
 
 __all__ = [
     "ClientIdentity",
@@ -53,12 +58,15 @@ __all__ = [
     "parse_address",
     "ENROL_PATH",
     "CA_PATH",
+    "decode_enrolment_answer",
 ]
 
 ENROL_PATH = "/confide/v1/enrol"
 CA_PATH = "/confide/v1/ca"
 _PENDING = "pending.json"
 _MAX_RESPONSE = 1 << 20
+_EXTENSION_ERRORS: tuple[type[Exception], ...] = (
+    x509.ExtensionNotFound, x509.DuplicateExtension, *X509_PARSE_ERRORS)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -164,36 +172,50 @@ def _staging(target: Path) -> Any:
         raise
 
 
-def _csr(key: ec.EllipticCurvePrivateKey, name: str | None) -> bytes:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name or "confide-client")])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
-    return csr.public_bytes(serialization.Encoding.PEM)
+_csr = make_csr
+
+
+def decode_enrolment_answer(answer: Any, *, key: ec.EllipticCurvePrivateKey,
+                            pin: bytes) -> tuple[str, x509.Certificate, x509.Certificate]:
+    """``(name, certificate, ca_certificate)`` of the coordinator's answer, all checked.
+
+    The CA must match the token's pin, the certificate must be issued by it, for ``key``,
+    and for TLS client authentication (RFC 5280, Sec. 4.2.1.12). Any failure, including
+    input ``cryptography`` cannot parse, is a one-line SecurityError.
+    """
+    if not isinstance(answer, dict):
+        raise SecurityError("the coordinator's enrolment answer is malformed")
+    name, cert_pem, ca_pem = (answer.get(k) for k in ("name", "certificate", "ca_certificate"))
+    if not (isinstance(name, str) and isinstance(cert_pem, str) and isinstance(ca_pem, str)
+            and cert_pem.isascii() and ca_pem.isascii()):
+        raise SecurityError("the coordinator's enrolment answer is malformed")
+    if not valid_client_name(name):
+        raise SecurityError("the coordinator's enrolment answer names the client wrongly")
+    cert = parse_certificate(cert_pem.encode("ascii"), what="the issued certificate")
+    ca = parse_certificate(ca_pem.encode("ascii"), what="the answer's CA certificate")
+    cert_key = cert.public_key()
+    if not hmac.compare_digest(fingerprint_pin(ca), pin):
+        raise SecurityError("the answer's CA does not match the token's federation")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception:  # noqa: BLE001 - any failure means "not issued by this CA"
+        raise SecurityError("the issued certificate is not signed by the federation CA"
+                            ) from None
+    if not same_public_key(cert_key, key.public_key()):
+        raise SecurityError("the issued certificate is for a different key")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except _EXTENSION_ERRORS:
+        eku = None  # absent, or extensions that do not parse
+    if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise SecurityError("the issued certificate is not a TLS client certificate")
+    return name, cert, ca
 
 
 def _finish(folder: Path, *, key: ec.EllipticCurvePrivateKey, answer: dict[str, Any],
             pin: bytes, coordinator: str) -> str:
     """Check the coordinator's answer and write the certificate files into ``folder``."""
-    try:
-        cert = x509.load_pem_x509_certificate(str(answer["certificate"]).encode())
-        ca = x509.load_pem_x509_certificate(str(answer["ca_certificate"]).encode())
-        name = str(answer["name"])
-    except (KeyError, ValueError, TypeError):
-        raise SecurityError("the coordinator's enrolment answer is malformed") from None
-    if not hmac.compare_digest(fingerprint_pin(ca), pin):
-        raise SecurityError("the answer's CA does not match the token's federation")
-    try:
-        cert.verify_directly_issued_by(ca)
-    except Exception:  # noqa: BLE001
-        raise SecurityError("the issued certificate is not signed by the federation CA"
-                            ) from None
-    if not same_public_key(cert.public_key(), key.public_key()):
-        raise SecurityError("the issued certificate is for a different key")
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
-    if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-        raise SecurityError("the issued certificate is not a TLS client certificate")
+    name, cert, ca = decode_enrolment_answer(answer, key=key, pin=pin)
     (folder / "client.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (folder / "client.toml").write_text(tomli_w.dumps({"client": {
@@ -217,21 +239,24 @@ def _http_request(sock: ssl.SSLSocket | socket.socket, *, method: str, host: str
         sock.sendall(conn.send(h11.Data(data=body)))
     sock.sendall(conn.send(h11.EndOfMessage()))
     status, chunks, size = 0, [], 0
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = sock.recv(65536)
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Response):
-            status = event.status_code
-        elif isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > _MAX_RESPONSE:
-                raise SecurityError("the coordinator's answer is too large")
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            return status, b"".join(chunks)
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = sock.recv(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > _MAX_RESPONSE:
+                    raise SecurityError("the coordinator's answer is too large")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return status, b"".join(chunks)
+    except h11.ProtocolError as exc:  # the peer's HTTP does not parse (RFC 9112 framing)
+        raise SecurityError(f"the coordinator's answer is not valid HTTP ({exc})") from None
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
@@ -264,8 +289,8 @@ def _fetch_ca(host: str, port: int, pin: bytes, *, insecure: bool,
     finally:
         sock.close()
     try:
-        ca = x509.load_pem_x509_certificate(body) if status == 200 else None
-    except ValueError:
+        ca = parse_certificate(body, what="the CA") if status == 200 else None
+    except SecurityError:
         ca = None
     if ca is None:
         raise SecurityError(f"{host}:{port} did not answer with a federation CA (HTTP {status});"
@@ -305,12 +330,14 @@ def enrol_online(*, coordinator: str, token: str, directory: str | Path,
         finally:
             sock.close()
         try:
-            answer = json.loads(reply)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            answer: dict[str, Any] | None = decode_json_object(
+                reply, what="the coordinator's answer", max_bytes=_MAX_RESPONSE)
+        except SecurityError:
             answer = None
-        if status != 200 or not isinstance(answer, dict):
-            reason = answer.get("error") if isinstance(answer, dict) else None
-            raise SecurityError(f"enrolment refused: {reason or f'HTTP {status}'}")
+        if status != 200 or answer is None:
+            reason = answer.get("error") if answer is not None else None
+            reason = str(reason)[:200] if reason else f"HTTP {status}"
+            raise SecurityError(f"enrolment refused: {reason}")
         return _finish(folder, key=key, answer=answer, pin=pin, coordinator=coordinator)
 
 
@@ -352,14 +379,19 @@ def import_answer(*, directory: str | Path, answer_file: str | Path,
     except (json.JSONDecodeError, KeyError, ValueError):
         raise ConfigError(f"{str(pending_path)!r} is damaged") from None
     try:
-        answer = json.loads(Path(answer_file).read_text(encoding="utf-8"))
+        text = Path(answer_file).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"answer file {str(answer_file)!r} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except OSError as exc:
+        raise ConfigError(f"answer file {str(answer_file)!r} is unreadable ({exc})") from None
+    try:
+        answer = decode_json_object(text, what=f"answer file {str(answer_file)!r}",
+                                    max_bytes=_MAX_RESPONSE)
+    except SecurityError:
         raise SecurityError(f"answer file {str(answer_file)!r} is not valid JSON") from None
-    if not isinstance(answer, dict):
-        raise SecurityError("the enrolment answer is malformed")
     address = coordinator or pending.get("coordinator") or answer.get("coordinator")
+    if not isinstance(address, str | None):
+        raise SecurityError("the enrolment answer names the coordinator wrongly")
     if not address:
         raise ConfigError("give --coordinator HOST:PORT (the answer does not name it)")
     parse_address(address)

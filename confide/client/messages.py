@@ -1,10 +1,16 @@
 """The wire format between Confide's ServerApp and ClientApp, on Flower's records.
 
 Every tensor travels as a Flower ``Array`` in an ``ArrayRecord`` (numpy's ``.npy`` format,
-written and read with ``allow_pickle=False``); every scalar and string in a
-``ConfigRecord``. Nothing is pickled, and every field a peer sends is checked on arrival:
-a malformed or oversized reply raises :class:`~confide.exceptions.ProtocolError`, and the
+written with ``allow_pickle=False``); every scalar and string in a ``ConfigRecord``. Nothing
+is pickled, and every field a peer sends is checked on arrival: a malformed or oversized
+reply raises :class:`~confide.exceptions.ProtocolError` (and nothing else), and the
 coordinator treats that client as dropped.
+
+Received ``.npy`` bytes are never given to ``np.load``: :func:`decode_npy` parses the header
+itself, accepts only the dtypes and the number of entries the caller expects, checks that the
+data is exactly as long as the header says, and then views the bytes already received
+(``np.frombuffer``), so a header claiming a huge shape can neither allocate memory nor raise
+anything but ``ProtocolError``.
 
 Message types: ``train`` carries a :class:`~confide.client.ClientTask` plus the
 :class:`JobSpec`; ``query.confide_hello`` asks a node who it is; ``query.confide_finish``
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +46,9 @@ __all__ = [
     "decode_result",
     "tensor_to_array",
     "array_to_tensor",
+    "array_to_numpy",
+    "decode_npy",
+    "FLOAT_DTYPES",
 ]
 
 TRAIN = "train"
@@ -50,6 +60,8 @@ _RESULT, _RESULT_TENSORS = "confide.result", "confide.result_tensors"
 _SCALARS = (int, float, str, bool)
 #: metric/info entries a client may report per round
 _MAX_ENTRIES = 64
+#: bounds on the model a task may ask a client to build (a 2^26-entry input is 256 MiB)
+_MAX_INPUT_DIMS, _MAX_INPUT_ENTRIES, _MAX_CLASSES = 8, 2**26, 2**20
 
 
 @dataclass(frozen=True)
@@ -80,19 +92,111 @@ def tensor_to_array(t: torch.Tensor) -> Array:
     return Array(np.ascontiguousarray(t.detach().cpu().numpy()))
 
 
-def array_to_tensor(a: Any, *, name: str, length: int | None = None) -> torch.Tensor:
-    """A received Flower Array as a 1-D float tensor, checked against ``length``."""
+# ---------------------------------------------------------------- .npy decoding (peer bytes)
+
+#: the ``.npy`` dtypes a float vector may travel as (``np.save`` writes the host's order)
+FLOAT_DTYPES = ("<f2", "<f4", "<f8", ">f2", ">f4", ">f8")
+#: hard cap on the entries of any received vector (1-D float32: 8 GiB)
+MAX_VECTOR_ENTRIES = 2**31
+_NPY_MAGIC = b"\x93NUMPY"
+#: np.save writes about 120 header bytes for a 1-D array; nothing legitimate comes near this
+_MAX_NPY_HEADER = 4096
+# The header np.save writes (numpy.lib.format, format versions 1.0-3.0): a Python dict
+# literal with exactly these keys in this order, ended by "\n" and padded with spaces.
+# Parsed with a regular expression, never with ast/tokenize (whose errors are not ours).
+_NPY_HEADER = re.compile(
+    r"\{\s*'descr'\s*:\s*'(?P<descr>[<>|=][a-z][0-9]{1,2})'\s*,"
+    r"\s*'fortran_order'\s*:\s*(?P<fortran>False|True)\s*,"
+    r"\s*'shape'\s*:\s*\((?P<shape>\s*(?:[0-9]{1,19}\s*(?:,\s*[0-9]{1,19}\s*)*,?\s*)?)\)"
+    r"\s*,?\s*\}[ ]*\n")
+
+
+def decode_npy(data: bytes | bytearray | memoryview, *, name: str,
+               dtypes: tuple[str, ...], max_entries: int,
+               expected: str | None = None) -> np.ndarray:
+    """Parse ``.npy`` bytes from a peer into a read-only view of those bytes.
+
+    Checks, before touching the data: the magic and format version (numpy.lib.format,
+    NEP 1), a header of at most 4 KiB in np.save's layout, a dtype in ``dtypes``, C order,
+    at most ``max_entries`` entries, and a data section of exactly ``entries * itemsize``
+    bytes. Any failure is a one-line :class:`ProtocolError`.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError(f"{name}: array data is not bytes")
+    view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+    if len(view) < 10 or bytes(view[:6]) != _NPY_MAGIC:
+        raise ProtocolError(f"{name}: not a .npy array (bad magic bytes)")
+    major, minor = view[6], view[7]
+    if (major, minor) == (1, 0):
+        header_len, start = int.from_bytes(view[8:10], "little"), 10
+    elif (major, minor) in ((2, 0), (3, 0)) and len(view) >= 12:
+        header_len, start = int.from_bytes(view[8:12], "little"), 12
+    else:
+        raise ProtocolError(f"{name}: unsupported .npy format version {major}.{minor}")
+    if header_len > _MAX_NPY_HEADER or start + header_len > len(view):
+        raise ProtocolError(f"{name}: .npy header of {header_len} bytes is oversized or "
+                            "truncated")
+    try:
+        header = bytes(view[start:start + header_len]).decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{name}: .npy header is not ASCII") from None
+    m = _NPY_HEADER.fullmatch(header)
+    if m is None:
+        raise ProtocolError(f"{name}: malformed .npy header")
+    descr = m["descr"]
+    if descr not in dtypes:
+        raise ProtocolError(f"{name}: expected {expected or 'one of ' + ', '.join(dtypes)}, "
+                            f"got dtype {descr!r}")
+    shape = tuple(int(d) for d in m["shape"].replace(",", " ").split())
+    if m["fortran"] == "True" and len(shape) > 1:
+        raise ProtocolError(f"{name}: Fortran-ordered arrays are not accepted")
+    entries = math.prod(shape)
+    if entries > max_entries:
+        raise ProtocolError(f"{name}: {entries} entries, expected {max_entries} at most")
+    dtype = np.dtype(descr)
+    offset = start + header_len
+    if len(view) - offset != entries * dtype.itemsize:
+        raise ProtocolError(f"{name}: the header announces {entries * dtype.itemsize} data "
+                            f"bytes, {len(view) - offset} follow")
+    return np.frombuffer(view, dtype=dtype, count=entries, offset=offset).reshape(shape)
+
+
+def array_to_numpy(a: Any, *, name: str, dtypes: tuple[str, ...], max_entries: int,
+                   expected: str | None = None) -> np.ndarray:
+    """A received Flower ``Array`` as a read-only numpy view, checked by :func:`decode_npy`."""
     if not isinstance(a, Array):
         raise ProtocolError(f"{name}: expected an array")
-    try:
-        arr = a.numpy()
-    except (ValueError, TypeError, OSError) as exc:
-        raise ProtocolError(f"{name}: unreadable array ({exc})") from None
-    if arr.dtype.kind != "f" or arr.ndim != 1:
-        raise ProtocolError(f"{name}: expected a 1-D float vector, got {arr.dtype} {arr.shape}")
+    if getattr(a, "stype", None) != "numpy.ndarray":
+        raise ProtocolError(f"{name}: unsupported array serialisation")
+    return decode_npy(getattr(a, "data", None), name=name, dtypes=dtypes,  # type: ignore[arg-type]
+                      max_entries=max_entries, expected=expected)
+
+
+def array_to_tensor(a: Any, *, name: str, length: int | None = None) -> torch.Tensor:
+    """A received Flower Array as a 1-D float tensor, checked against ``length``."""
+    limit = MAX_VECTOR_ENTRIES if length is None else min(length, MAX_VECTOR_ENTRIES)
+    arr = array_to_numpy(a, name=name, dtypes=FLOAT_DTYPES, max_entries=limit,
+                         expected="a 1-D float vector")
+    if arr.ndim != 1:
+        raise ProtocolError(f"{name}: expected a 1-D float vector, got shape {arr.shape}")
     if length is not None and arr.shape[0] != length:
         raise ProtocolError(f"{name}: expected {length} entries, got {arr.shape[0]}")
-    return torch.from_numpy(arr.copy())
+    # A writable copy in the host's byte order (torch has no big-endian tensors); its size
+    # is that of the bytes received, already checked against ``length``.
+    return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+
+
+def _records(content: Any, what: str) -> RecordDict:
+    if not isinstance(content, RecordDict):
+        raise ProtocolError(f"{what}: not a Flower record")
+    return content
+
+
+def _number(value: int | float, key: str, what: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ProtocolError(f"{what}: field {key!r} is out of range") from None
 
 
 def _get(record: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -138,18 +242,26 @@ def decode_job(content: RecordDict) -> JobSpec:
     """The job spec carried by a task (ProtocolError if malformed)."""
     what = "task"
     try:
-        job = content.config_records[_JOB]
+        job = _records(content, what).config_records[_JOB]
     except KeyError:
         raise ProtocolError("task: the job description is missing") from None
     shape = _get(job, "input_shape", list, what)
-    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+    # The client builds a model of this shape: bound it before anything is allocated.
+    if not 0 < len(shape) <= _MAX_INPUT_DIMS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape) \
+            or math.prod(shape) > _MAX_INPUT_ENTRIES:
         raise ProtocolError("task: bad input_shape")
+    num_classes = _get(job, "num_classes", int, what)
+    num_params = _get(job, "num_params", int, what)
+    num_clients = _get(job, "num_clients", int, what)
+    dataset_size = _get(job, "dataset_size", int, what)
+    if not 1 <= num_classes <= _MAX_CLASSES or not 1 <= num_params <= MAX_VECTOR_ENTRIES \
+            or not 1 <= num_clients <= 2**32 or dataset_size < 0:
+        raise ProtocolError("task: job sizes out of range")
     extra = {k[len("extra."):]: v for k, v in job.items() if k.startswith("extra.")}
     return JobSpec(config_toml=_get(job, "config_toml", str, what), input_shape=tuple(shape),
-                   num_classes=_get(job, "num_classes", int, what),
-                   num_params=_get(job, "num_params", int, what),
-                   num_clients=_get(job, "num_clients", int, what),
-                   dataset_size=_get(job, "dataset_size", int, what), extra=extra)
+                   num_classes=num_classes, num_params=num_params, num_clients=num_clients,
+                   dataset_size=dataset_size, extra=extra)
 
 
 def decode_task(content: RecordDict) -> tuple[ClientTask, JobSpec]:
@@ -174,7 +286,7 @@ def decode_task(content: RecordDict) -> tuple[ClientTask, JobSpec]:
                for k, v in tensors.items() if k.startswith("instr.")}
     state = {k[len("state."):]: array_to_tensor(v, name=k, length=n)
              for k, v in tensors.items() if k.startswith("state.")}
-    values = {k[len("value."):]: float(v) for k, v in cfg.items()  # type: ignore[arg-type]
+    values = {k[len("value."):]: _number(v, k, what) for k, v in cfg.items()
               if k.startswith("value.") and isinstance(v, int | float)}
     drop = _get(cfg, "drop_after_steps", int, what)
     task = ClientTask(
@@ -224,7 +336,7 @@ def decode_result(content: RecordDict, *, client_id: int, num_params: int,
     """
     what = f"reply of client {client_id}"
     try:
-        cfg = content.config_records[_RESULT]
+        cfg = _records(content, what).config_records[_RESULT]
         tensors = content.array_records[_RESULT_TENSORS]
     except KeyError:
         raise ProtocolError(f"{what}: records are missing") from None
@@ -255,7 +367,7 @@ def decode_result(content: RecordDict, *, client_id: int, num_params: int,
         if k.startswith("metric."):
             if not isinstance(v, int | float) or isinstance(v, bool):
                 raise ProtocolError(f"{what}: metric {k!r} is not a number")
-            metrics[k[len("metric."):]] = float(v)
+            metrics[k[len("metric."):]] = _number(v, k, what)
     info = {k[len("info."):]: v for k, v in cfg.items() if k.startswith("info.")}
     if "train_loss" in metrics and not math.isfinite(metrics["train_loss"]):
         metrics["train_loss"] = float("nan")

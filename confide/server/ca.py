@@ -7,16 +7,17 @@ registry and an empty CRL. Client certificates are issued from certificate signi
 (the private key never leaves the client) and revoked by listing their serial in the CRL
 (RFC 5280, Sec. 5), which the gateway loads for every new TLS connection.
 
-Everything is built with ``cryptography``; nothing here is seeded: keys, serials and
-secrets come from the operating system's CSPRNG (``os.urandom`` via ``cryptography`` and
-``secrets``).
+The key, certificate and CSR helpers the client needs too live in :mod:`confide.pki` (and
+are re-exported here). Everything is built with ``cryptography``; nothing here is seeded:
+keys, serials and secrets come from the operating system's CSPRNG (``os.urandom`` via
+``cryptography`` and ``secrets``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -35,6 +36,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from confide.exceptions import ConfigError, SecurityError
+from confide.pki import (
+    CLIENT_NAME_PATTERN,
+    CURVE,
+    certificate_fingerprint,
+    check_csr,
+    fingerprint_pin,
+    load_certificate,
+    load_private_key,
+    public_key_pem,
+    same_public_key,
+    valid_client_name,
+    write_private_key,
+)
 
 __all__ = [
     "FederationPaths",
@@ -49,25 +63,21 @@ __all__ = [
     "write_private_key",
     "valid_client_name",
     "CLIENT_NAME_PATTERN",
+    "CURVE",
+    "fingerprint_pin",
+    "empty_registry_json",
+    "write_crl",
+    "Federation",
 ]
 
-#: ECDSA P-256 with SHA-256 everywhere: accepted by TLS 1.3 (RFC 8446, Sec. 4.2.3) and by
-#: Flower's node authentication, which requires a NIST curve key.
-CURVE = ec.SECP256R1
 CA_VALIDITY = _dt.timedelta(days=3650)
 SERVER_VALIDITY = _dt.timedelta(days=825)
 CRL_VALIDITY = _dt.timedelta(days=365)
-CLIENT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-_NAME_RE = re.compile(CLIENT_NAME_PATTERN)
+_REGISTRY_VERSION = 1
 
 
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
-
-
-def valid_client_name(name: str) -> bool:
-    """Whether ``name`` is a usable client name (letters, digits, ``._-``; 1-64 chars)."""
-    return bool(_NAME_RE.fullmatch(name))
 
 
 @dataclass(frozen=True)
@@ -120,65 +130,6 @@ class FederationPaths:
         """Files a complete federation folder holds."""
         return [self.ca_cert, self.ca_key, self.server_cert, self.server_key, self.link_cert,
                 self.link_key, self.token_key, self.registry, self.crl, self.manifest]
-
-
-# --------------------------------------------------------------------------- key/cert I/O
-
-
-def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    """Write ``key`` as unencrypted PKCS#8 PEM readable by the owner only (mode 0600)."""
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
-def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """Load an EC private key (PEM), raising SecurityError with one line on any problem."""
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise SecurityError(f"private key {str(path)!r} not found") from None
-    except (ValueError, TypeError) as exc:
-        raise SecurityError(f"private key {str(path)!r} is not a readable PEM key ({exc})"
-                            ) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise SecurityError(f"private key {str(path)!r} is not an elliptic-curve key")
-    return key
-
-
-def load_certificate(path: Path) -> x509.Certificate:
-    """Load a PEM certificate, raising SecurityError with one line on any problem."""
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except FileNotFoundError:
-        raise SecurityError(f"certificate {str(path)!r} not found") from None
-    except ValueError as exc:
-        raise SecurityError(f"certificate {str(path)!r} is not a readable PEM certificate "
-                            f"({exc})") from None
-
-
-def certificate_fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 of the certificate's DER encoding, hex."""
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
-def public_key_pem(key: ec.EllipticCurvePublicKey) -> bytes:
-    """SubjectPublicKeyInfo PEM: the encoding Flower's node authentication uses."""
-    return key.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def same_public_key(a: object, b: object) -> bool:
-    """Whether two public keys are the same key (compared by their DER encoding)."""
-    def der(k: object) -> bytes | None:
-        if not isinstance(k, ec.EllipticCurvePublicKey):
-            return None
-        return k.public_bytes(serialization.Encoding.DER,
-                              serialization.PublicFormat.SubjectPublicKeyInfo)
-    da, db = der(a), der(b)
-    return da is not None and da == db
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -296,15 +247,8 @@ class CertificateAuthority:
 
     def issue_client(self, *, csr: x509.CertificateSigningRequest, name: str,
                      validity: _dt.timedelta) -> x509.Certificate:
-        """A TLS client certificate for ``name`` from a verified CSR."""
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
-                public_key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1):
-            raise SecurityError("the client key must be an ECDSA P-256, P-384 or P-521 key")
-        # PKCS #10 (RFC 2986, Sec. 4.2): the request is signed with the private key of the
-        # public key it carries, which proves the client holds that key.
-        if not csr.is_signature_valid:
-            raise SecurityError("the certificate signing request's signature is invalid")
+        """A TLS client certificate for ``name`` from a CSR that passes :func:`check_csr`."""
+        public_key = check_csr(csr)  # key type and RFC 2986 self-signature
         subject = x509.Name([
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Confide"),
             x509.NameAttribute(NameOID.COMMON_NAME, name),
@@ -349,6 +293,11 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+def empty_registry_json() -> str:
+    """The client registry of a new federation (kept by :mod:`confide.server.enrolment`)."""
+    return json.dumps({"version": _REGISTRY_VERSION, "clients": [], "tokens": []}, indent=2)
+
+
 def write_crl(paths: FederationPaths, ca: CertificateAuthority,
               revoked: Iterable[tuple[int, _dt.datetime]]) -> None:
     """Atomically replace the federation's CRL."""
@@ -358,8 +307,6 @@ def write_crl(paths: FederationPaths, ca: CertificateAuthority,
 
 def init_federation(directory: str | Path, *, name: str, hosts: Sequence[str]) -> FederationPaths:
     """Create a federation folder; nothing is left behind if any step fails."""
-    from confide.server.enrolment import empty_registry_json
-
     root = Path(directory)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ConfigError(f"{str(root)!r} already exists and is not empty; choose a new folder "
@@ -441,8 +388,3 @@ def load_federation(directory: str | Path) -> Federation:
         if not ca.verify_issued(load_certificate(cert_path)):
             raise SecurityError(f"{str(cert_path)!r} was not issued by this federation's CA")
     return Federation(paths=paths, ca=ca, name=name, federation_id=fid, hosts=hosts)
-
-
-def fingerprint_pin(cert: x509.Certificate) -> bytes:
-    """The first 16 bytes of the CA's SHA-256 fingerprint: what an enrolment token pins."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()[:16]

@@ -1,6 +1,7 @@
 """Enrolment: one-time expiring tokens, the client registry, and revocation.
 
-A token is ``cfd1.<id>.<mac>.<pin>`` (base64url fields):
+A token is ``cfd1.<id>.<mac>.<pin>`` (base64url fields; format and parser in
+:mod:`confide.pki`, shared with the client):
 
 * ``id``: 16 random bytes naming a record in the registry (name, expiry, used or not);
 * ``mac``: HMAC-SHA256 under the federation's token key over the id, the bound client name
@@ -11,6 +12,9 @@ A token is ``cfd1.<id>.<mac>.<pin>`` (base64url fields):
   authenticates the coordinator before it sends the token (as ``kubeadm join`` pins the
   CA with ``--discovery-token-ca-cert-hash``).
 
+Requests from clients are decoded by :func:`parse_enrolment_request` (bounded, one-line
+SecurityError for anything malformed) and their CSRs by :func:`confide.pki.load_csr`.
+
 A token is consumed in the same locked registry update that records the client, so it can
 be used once even when two enrolments race. The registry is a JSON file replaced
 atomically under an exclusive ``flock``; the CRL is rewritten on every revocation.
@@ -18,8 +22,6 @@ atomically under an exclusive ``flock``; the CRL is rewritten on every revocatio
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import datetime as _dt
 import fcntl
@@ -35,18 +37,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from confide.exceptions import ConfigError, SecurityError
-from confide.server.ca import (
-    Federation,
+from confide.pki import (
+    TOKEN_PREFIX,
+    b64encode,
     certificate_fingerprint,
+    decode_json_object,
     fingerprint_pin,
+    format_token,
+    load_csr,
+    parse_token,
     public_key_pem,
     valid_client_name,
-    write_crl,
 )
+from confide.server.ca import Federation, empty_registry_json, write_crl
 
 __all__ = [
     "ClientRecord",
@@ -58,13 +64,15 @@ __all__ = [
     "parse_duration",
     "empty_registry_json",
     "TOKEN_PREFIX",
+    "EnrolmentRequest",
+    "parse_enrolment_request",
+    "MAX_REQUEST_BYTES",
 ]
 
-TOKEN_PREFIX = "cfd1"  # noqa: S105 - a format tag, not a secret
 _MAC_CONTEXT = b"confide-enrolment-token-v1\x00"
 MAX_TOKEN_LIFETIME = _dt.timedelta(days=30)
 DEFAULT_CLIENT_VALIDITY = _dt.timedelta(days=365)
-_REGISTRY_VERSION = 1
+_REGISTRY_VERSION = 1  # the format confide.server.ca.empty_registry_json writes
 
 
 def _now() -> _dt.datetime:
@@ -75,12 +83,7 @@ def _iso(t: _dt.datetime) -> str:
     return t.astimezone(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+_b64 = b64encode
 
 
 def parse_duration(text: str) -> _dt.timedelta:
@@ -96,19 +99,38 @@ def parse_duration(text: str) -> _dt.timedelta:
     return delta
 
 
-def parse_token(token: str) -> tuple[bytes, bytes, bytes]:
-    """Split a token into ``(id, mac, ca_pin)``; SecurityError if it is malformed."""
-    parts = token.strip().split(".")
-    if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
-        raise SecurityError("the enrolment token is malformed (expected cfd1.<id>.<mac>.<pin>"
-                            "); copy it exactly as 'confide enrol token' printed it")
-    try:
-        tid, mac, pin = (_unb64(p) for p in parts[1:])
-    except (binascii.Error, ValueError):
-        raise SecurityError("the enrolment token is malformed (bad base64)") from None
-    if len(tid) != 16 or len(mac) != 32 or len(pin) != 16:
-        raise SecurityError("the enrolment token is malformed (wrong field lengths)")
-    return tid, mac, pin
+#: an enrolment request is a token, a name and a CSR: well under 4 KiB
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class EnrolmentRequest:
+    """A decoded enrolment request (online POST body or offline request file)."""
+
+    token: str
+    csr_pem: bytes
+    name: str | None
+
+
+def parse_enrolment_request(data: bytes | str) -> EnrolmentRequest:
+    """Decode an enrolment request from a client; a one-line SecurityError if malformed.
+
+    ``{"token": str, "csr": ASCII PEM str, "name": str or null, ...}`` as
+    :func:`confide.client.enrol.enrol_online` sends and ``write_offline_request`` writes.
+    The token and the CSR are only checked for shape here; :meth:`EnrolmentAuthority.enrol`
+    checks them for real.
+    """
+    request = decode_json_object(data, what="the enrolment request",
+                                 max_bytes=MAX_REQUEST_BYTES)
+    token, csr, name = request.get("token"), request.get("csr"), request.get("name")
+    if not isinstance(token, str) or not isinstance(csr, str):
+        raise SecurityError("the enrolment request lacks its token or CSR")
+    if not csr.isascii():
+        raise SecurityError("the enrolment request's CSR is not ASCII PEM")
+    if name is not None and not (isinstance(name, str) and valid_client_name(name)):
+        raise SecurityError("the enrolment request's client name is not valid: use 1-64 "
+                            "letters, digits, '.', '_' or '-'")
+    return EnrolmentRequest(token=token, csr_pem=csr.encode("ascii"), name=name)
 
 
 @dataclass
@@ -140,11 +162,6 @@ class TokenRecord:
     expires_at: str
     used_at: str | None = None
     used_by: str | None = None
-
-
-def empty_registry_json() -> str:
-    """The registry of a new federation."""
-    return json.dumps({"version": _REGISTRY_VERSION, "clients": [], "tokens": []}, indent=2)
 
 
 class Registry:
@@ -279,7 +296,7 @@ class EnrolmentAuthority:
             raw["tokens"].append(asdict(record))
         mac = self._mac(tid, name, record.expires_at)
         pin = fingerprint_pin(self.federation.ca.cert)
-        return ".".join([TOKEN_PREFIX, _b64(tid), _b64(mac), _b64(pin)])
+        return format_token(tid, mac, pin)
 
     def _check_token(self, raw: dict[str, Any], token: str, now: _dt.datetime) -> dict[str, Any]:
         tid, mac, pin = parse_token(token)
@@ -307,11 +324,7 @@ class EnrolmentAuthority:
         All checks and the registry update happen under one lock, so a token enrols at most
         one client even when requests race.
         """
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError:
-            raise SecurityError("the certificate signing request is not a valid PEM CSR"
-                                ) from None
+        csr = load_csr(csr_pem)  # key type and self-signature (RFC 2986), SecurityError
         now = _now()
         with self.registry.update() as raw:
             record = self._check_token(raw, token, now)

@@ -183,3 +183,25 @@ def test_client_start_bad_input(fed, gateway, tmp_path, capsys, setup, match):
                             str(data), "-q"], capsys)
     assert_one_line_error(code, err)
     assert match in err
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: {**r, "csr": r["csr"].replace("BEGIN", "BÉGIN")},  # issue 12: non-ASCII csr
+    lambda r: {**r, "csr": r["csr"][:40]},
+    lambda r: [r],
+])
+def test_enrol_answer_on_a_malformed_request_is_one_line(fed, tmp_path, capsys, edit):
+    """A damaged offline request: exit code 9, one line naming the file, no answer, token kept."""
+    token = _token(fed, capsys)
+    request, answer = tmp_path / "req.json", tmp_path / "ans.json"
+    code, _, err = run_cli(["client", "enrol", "--token", token, "--dir", str(tmp_path / "c"),
+                            "--offline-request", str(request)], capsys)
+    assert code == 0, err
+    request.write_text(json.dumps(edit(json.loads(request.read_text())), ensure_ascii=False),
+                       encoding="utf-8")
+    code, _, err = run_cli(["enrol", "answer", "--ca", str(fed), str(request), "-o",
+                            str(answer)], capsys)
+    assert_one_line_error(code, err)
+    assert code == 9 and not answer.exists()
+    registry = EnrolmentAuthority(load_federation(fed)).registry
+    assert all(t.used_at is None for t in registry.tokens())

@@ -159,3 +159,30 @@ def test_forged_token_refused_by_the_coordinator(coordinator, tmp_path):
     with pytest.raises(SecurityError, match="forged"):
         enrol_online(coordinator=address, token=forged, directory=tmp_path / "f")
     assert authority.registry.clients() == []
+
+
+@pytest.mark.parametrize("reply", [b"garbage\r\n\r\n", b"HTTP/1.1 99999 x\r\n\r\n",
+                                   b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab", b""])
+def test_a_coordinator_answering_broken_http_is_one_security_error(tmp_path, reply):
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        with pytest.raises(SecurityError):
+            enrol_online(coordinator=f"127.0.0.1:{server.getsockname()[1]}",
+                         directory=tmp_path / "c", insecure=True, timeout=5,
+                         token="cfd1." + "A" * 22 + "." + "A" * 43 + "." + "A" * 22)
+    finally:
+        thread.join(timeout=10)
+        server.close()
+    assert not (tmp_path / "c").exists()

@@ -12,12 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from confide.exceptions import ConfigError, SecurityError
-from confide.server.ca import (
-    CertificateAuthority,
-    init_federation,
-    load_certificate,
-    load_federation,
-)
+from confide.pki import load_certificate
+from confide.server.ca import CertificateAuthority, init_federation, load_federation
 from confide.server.gateway import read_crl_serials
 
 

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 import confide.server.enrolment as enrolment
 from confide.exceptions import ConfigError, SecurityError
+from confide.pki import fingerprint_pin, parse_token
 from confide.server.ca import init_federation, load_federation
-from confide.server.enrolment import EnrolmentAuthority, parse_duration, parse_token
+from confide.server.enrolment import EnrolmentAuthority, parse_duration
 from confide.server.gateway import read_crl_serials
 
 
@@ -186,7 +187,6 @@ def test_any_altered_token_is_refused(shared_authority, data):
 @given(tid=st.binary(min_size=16, max_size=16), mac=st.binary(min_size=32, max_size=32))
 def test_random_tokens_never_enrol(shared_authority, tid, mac):
     """Without the token key, guessing (id, MAC) pairs never succeeds."""
-    from confide.server.ca import fingerprint_pin
 
     pin = fingerprint_pin(shared_authority.federation.ca.cert)
 

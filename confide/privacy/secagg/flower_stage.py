@@ -14,15 +14,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from confide.client.messages import array_to_numpy
 from confide.exceptions import ProtocolError
 
 if TYPE_CHECKING:
     from confide.client.session import ClientSession
 
-__all__ = ["STAGE", "pack", "unpack", "handle_secagg_stage"]
+__all__ = ["STAGE", "pack", "unpack", "request_bound", "handle_secagg_stage"]
 
 STAGE = "secagg"
 _KEY = "confide.secagg"
+#: no SecAgg message is larger (``confide.privacy.secagg.wire.MAX_MESSAGE_BYTES``: a 46-byte
+#: header and a body whose length field is a u32)
+MAX_MESSAGE_BYTES = 46 + 2**32 - 1
 
 
 def pack(data: bytes) -> RecordDict:
@@ -30,15 +34,33 @@ def pack(data: bytes) -> RecordDict:
     return RecordDict({_KEY: ArrayRecord({"bytes": Array(np.frombuffer(data, dtype=np.uint8))})})
 
 
-def unpack(content: RecordDict, what: str) -> bytes:
-    """The protocol bytes in ``content`` (ProtocolError if absent or not bytes)."""
+def unpack(content: RecordDict, what: str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    """The protocol bytes in ``content``; ProtocolError (only) if absent, malformed or big.
+
+    At most ``max_bytes`` are accepted. The ``.npy`` header is parsed by
+    :func:`confide.client.messages.array_to_numpy`, never by ``np.load``: a header claiming
+    more bytes than arrived is refused without allocating.
+    """
     try:
-        data = content.array_records[_KEY]["bytes"].numpy()
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ProtocolError(f"{what}: no secure-aggregation payload ({exc})") from None
-    if data.dtype != np.uint8 or data.ndim != 1:
+        array = content.array_records[_KEY]["bytes"]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ProtocolError(f"{what}: no secure-aggregation payload ({exc!r})") from None
+    data = array_to_numpy(array, name=f"{what}: the secure-aggregation payload",
+                          dtypes=("|u1",), max_entries=max_bytes, expected="a byte array")
+    if data.ndim != 1:
         raise ProtocolError(f"{what}: the secure-aggregation payload is not a byte array")
     return data.tobytes()
+
+
+def request_bound(*, num_clients: int) -> int:
+    """The largest request a client of a job of ``num_clients`` clients accepts.
+
+    A request carries no vector and lists at most all the job's clients
+    (:func:`confide.privacy.secagg.wire.max_message_bytes`).
+    """
+    from confide.privacy.secagg.wire import max_message_bytes
+
+    return max_message_bytes(vector_length=0, bits=8, cohort_size=num_clients)
 
 
 def handle_secagg_stage(content: RecordDict, session: ClientSession) -> RecordDict:
@@ -52,8 +74,10 @@ def handle_secagg_stage(content: RecordDict, session: ClientSession) -> RecordDi
     from confide.privacy.secagg.protocol import SecAggClient
     from confide.seeding import derive_rng
 
-    stage = content.config_records["confide.stage"]
-    server_round = stage["server_round"]
+    try:
+        server_round = content.config_records["confide.stage"]["server_round"]
+    except (KeyError, TypeError, AttributeError):
+        raise ProtocolError("a secure-aggregation request without its round") from None
     if not isinstance(server_round, int) or session.config is None or session.job is None:
         raise ProtocolError("secure aggregation before any training in this job")
     if session.last_task is None or session.last_task.server_round != server_round \
@@ -71,6 +95,7 @@ def handle_secagg_stage(content: RecordDict, session: ClientSession) -> RecordDi
         weighting = str(session.scratch.get("weighting", "examples"))
         state["contribution"] = aggregator._contribution(  # noqa: SLF001 - same rule as sim
             session.last_result, weighting, aux_names)
-    request = unpack(content, "the coordinator's secure-aggregation request")
+    request = unpack(content, "the coordinator's secure-aggregation request",
+                     max_bytes=request_bound(num_clients=session.config.data.num_clients))
     reply = state["client"].handle(request, state["contribution"])
     return pack(reply)

@@ -359,9 +359,27 @@ def unpack_words(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
         dtype.newbyteorder("<")).reshape(-1).astype(dtype)
 
 
+def max_message_bytes(*, vector_length: int, bits: int, cohort_size: int) -> int:
+    """The largest message of a round with these parameters (a bound for the transport).
+
+    From the body table above: the largest body is a client's MASKED_INPUT (count, up to
+    ``cohort_size`` rejected ids and the packed vector) or a list of ``cohort_size`` entries
+    of at most ``8 + 110`` bytes (sealed shares) after a 36-byte fixed part (commitment and
+    count; SETUP's fixed part is 30 bytes).
+    """
+    per_client = 8 + SEALED_SHARE_BYTES
+    largest = max(4 + 8 * cohort_size + packed_size(vector_length, bits),
+                  36 + per_client * cohort_size)
+    return HEADER.size + min(largest, MAX_BODY_BYTES)
+
+
+#: no message is larger than this, whatever the round (the body length field is a u32)
+MAX_MESSAGE_BYTES = HEADER.size + MAX_BODY_BYTES
+
+
 def encode_ids(ids: Sequence[int]) -> bytes:
     """A u32 count then the u64 ids."""
     return struct.pack(">I", len(ids)) + b"".join(i.to_bytes(8, "big") for i in ids)
 
 
-__all__ += ["encode_ids", "KEY_BYTES"]
+__all__ += ["encode_ids", "KEY_BYTES", "max_message_bytes", "MAX_MESSAGE_BYTES"]
