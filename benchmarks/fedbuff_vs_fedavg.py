@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--fedbuff-updates", type=int, default=600)
     ap.add_argument("--buffer-size", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=100)
+    ap.add_argument("--fedbuff-eval-every", type=int, default=0,
+                    help="server updates between evaluations (0: about 4 per FedAvg round)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (digits)")
     ap.add_argument("--tag", default="")
@@ -85,7 +87,7 @@ def main() -> None:
         fedavg_rounds, fedbuff_updates = 3, 10
     fedavg = [*common, "strategy.name='fedavg'", f"cohort.size={args.concurrency}",
               f"run.rounds={fedavg_rounds}", "run.eval_every=1"]
-    every = max(1, args.concurrency // (4 * args.buffer_size))  # about 4 evaluations a "round"
+    every = args.fedbuff_eval_every or max(1, args.concurrency // (4 * args.buffer_size))
     fedbuff = [*common, "strategy.name='fedbuff'", f"strategy.buffer_size={args.buffer_size}",
                f"simulation.concurrency={args.concurrency}", f"cohort.size={args.concurrency}",
                f"run.rounds={fedbuff_updates}", f"run.eval_every={every}"]
