@@ -132,6 +132,9 @@ class SimulationConfig:
     conv_lowering: Literal["auto", "grouped", "unfold"] = "auto"
     #: processes, one GPU each, a cohort is split over (torch.distributed, NCCL or gloo)
     world_size: int = _c(1, ge=1)
+    #: intra-op CPU threads: "auto" (one per concurrently trained client, see
+    #: confide.threads; an explicit OMP_NUM_THREADS is kept) or a thread count
+    cpu_threads: int | Literal["auto"] = _c("auto", ge=1)
 
 
 @dataclass(frozen=True)

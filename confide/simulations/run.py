@@ -33,6 +33,7 @@ from confide.simulations.datasets import FederatedDataset, load_dataset
 from confide.simulations.executors import SimulationContext, build_executor
 from confide.simulations.partition import partition, partition_report
 from confide.strategies.registry import get_strategy
+from confide.threads import apply_thread_policy
 
 __all__ = ["Simulation", "build_simulation", "run_simulation", "new_run_dir", "build_aggregator"]
 
@@ -86,6 +87,8 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     """Load data, partition it, build model, strategy, executor and coordinator."""
     cfg = config
     device = resolve_device(cfg.client.device)
+    # Before any tensor work: one intra-op thread per concurrently trained client.
+    apply_thread_policy(cfg.simulation.cpu_threads, device_type=device.type)
     data = load_dataset(cfg.data.dataset, seed=cfg.run.seed, test_fraction=cfg.data.test_fraction,
                         path=cfg.data.path, client_column=cfg.data.client_column,
                         label_column=cfg.data.label_column)
