@@ -52,6 +52,8 @@ class RunConfig:
     seed: int = _c(0, ge=0)
     rounds: int = _c(30, ge=1)
     eval_every: int = _c(1, ge=1)
+    #: experiment trackers fed every round (confide.tracking): "tensorboard", "mlflow"
+    trackers: tuple[Literal["tensorboard", "mlflow"], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class DataConfig:
     path: str | None = None
     client_column: str = "client_id"
     label_column: str = "label"
+    #: a user's float features (data.path) are z-scored with the training mean and std
+    standardize: bool = True
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key} = {value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r} has the wrong type; expected a list")
+        item = typing.get_args(tp)[0]
+        return tuple(dict.fromkeys(_coerce(v, item, key) for v in value))
     if origin in (Mapping, dict):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a table")

@@ -46,6 +46,8 @@ class SimulationContext:
     trainer_factory: Callable[[nn.Module, torch.device], LocalTrainer] = LocalTrainer
     #: the run's config (executors that need more than the above read it here)
     config: Any = None
+    #: in-round progress (confide.progress.RoundProgress); None: no reports
+    progress: Any = None
 
     def client_data(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training tensors of one client (on the device)."""
@@ -89,6 +91,10 @@ class SequentialExecutor(Executor):
 
     def run_clients(self, tasks: Sequence[ClientTask]) -> list[ClientOutcome]:  # noqa: D102
         outcomes = []
+        progress = self.context.progress
+        if progress is not None and tasks:
+            progress.start_round(tasks[0].server_round, len(tasks))
+            self.trainer.on_epoch = progress.epoch
         for task in tasks:
             x, y = self.context.client_data(task.client_id)
             try:
@@ -97,6 +103,9 @@ class SequentialExecutor(Executor):
             except ClientDropped as exc:
                 outcomes.append(ClientOutcome(task.client_id, failure=str(exc)))
                 continue
+            finally:
+                if progress is not None:
+                    progress.client_done()
             outcomes.append(ClientOutcome(task.client_id, result=result))
         return outcomes
 
