@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from confide.exceptions import DataError
-from confide.simulations.datasets import read_csv_table
+from confide.simulations.datasets import input_array, read_csv_table
 
 __all__ = ["ClientDataSource", "LocalDataFile", "PartitionedData", "read_data_file"]
 
@@ -55,7 +55,8 @@ def read_data_file(path: str | Path, *, label_column: str = "label"
         raise DataError(f"{str(p)!r}: x holds NaN or infinite values")
     if not np.all(y == np.round(y)) or y.min() < 0:
         raise DataError(f"{str(p)!r}: y must hold class indices 0, 1, 2, ...")
-    return x.astype(np.float32), y.astype(np.int64)
+    # Integer samples (other than uint8 pixels) are token ids for an embedding: kept.
+    return input_array(x, source=repr(str(p))), y.astype(np.int64)
 
 
 class ClientDataSource(ABC):

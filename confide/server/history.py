@@ -37,6 +37,9 @@ def _clean(v: Any) -> Any:
 #: a train loss this many times the first round's (and above DIVERGED_FLOOR) is divergence
 DIVERGED_FACTOR = 10.0
 DIVERGED_FLOOR = 10.0
+#: a mean cross-entropy above this is divergence outright: a classifier at chance level
+#: scores ln(classes), under 7 even for 1000 classes, so logits are in the hundreds
+DIVERGED_LOSS = 50.0
 
 
 def diverged(record: dict[str, Any], first: dict[str, Any] | None = None) -> str | None:
@@ -46,6 +49,8 @@ def diverged(record: dict[str, Any], first: dict[str, Any] | None = None) -> str
         if isinstance(v, float) and not math.isfinite(v):
             return f"{key} is {v}"
     loss, base = record.get("train_loss"), (first or {}).get("train_loss")
+    if isinstance(loss, int | float) and loss > DIVERGED_LOSS:
+        return f"train_loss {loss:.3g} is over {DIVERGED_LOSS:g}"
     if (isinstance(loss, int | float) and isinstance(base, int | float) and base > 0
             and loss > DIVERGED_FLOOR and loss > DIVERGED_FACTOR * base):
         return f"train_loss {loss:.3g} is over {DIVERGED_FACTOR:g}x round 1's {base:.3g}"
