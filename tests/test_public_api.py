@@ -4,7 +4,7 @@ import confide
 def test_all_matches_public_api():
     public = {name for name in dir(confide) if not name.startswith("_")} - {
         "cli", "client", "config", "exceptions", "models", "parameters", "privacy", "seeding",
-        "server", "simulations", "strategies", "devices",
+        "server", "simulations", "strategies", "devices", "progress", "threads", "tracking",
     }
     assert set(confide.__all__) - {"__version__"} == public
     for name in confide.__all__:

@@ -53,13 +53,12 @@ def test_accelerator_runs_keep_one_host_thread(torch_default):
     assert threads.choose_threads("auto", device_type="cuda").intra_op == 1
 
 
-def test_policy_is_logged_once_per_run(torch_default, caplog):
+def test_policy_is_one_note_of_the_run(torch_default):
     from confide.simulations.run import build_simulation
 
-    caplog.set_level("INFO", logger="confide")
-    build_simulation(load_config(None, ["data.num_clients=4", "client.device='cpu'"]))
-    lines = [r.message for r in caplog.records if "CPU threads" in r.message]
-    assert len(lines) == 1 and torch.get_num_threads() == 1
+    sim = build_simulation(load_config(None, ["data.num_clients=4", "client.device='cpu'"]))
+    assert len([n for n in sim.notes if n.startswith("CPU threads")]) == 1
+    assert torch.get_num_threads() == 1
 
 
 @pytest.mark.parametrize("value", ["2", "'auto'"])

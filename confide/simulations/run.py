@@ -96,8 +96,10 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     """Load data, partition it, build model, strategy, executor and coordinator."""
     cfg = config
     device = resolve_device(cfg.client.device)
-    # Before any tensor work: one intra-op thread per concurrently trained client.
-    apply_thread_policy(cfg.simulation.cpu_threads, device_type=device.type)
+    # Before any tensor work: one intra-op thread per concurrently trained client (logged
+    # with the other notes once the job has started, so a job that cannot start says one line).
+    threads = apply_thread_policy(cfg.simulation.cpu_threads, device_type=device.type,
+                                  quiet=True)
     data = load_dataset(cfg.data.dataset, seed=cfg.run.seed, test_fraction=cfg.data.test_fraction,
                         path=cfg.data.path, client_column=cfg.data.client_column,
                         label_column=cfg.data.label_column,
@@ -163,6 +165,7 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
              f"{executor.name}, device {device}"]
     if cfg.client.device == "auto" and device.type == "cpu":
         notes.append("client.device = 'auto': no CUDA GPU found, training on the CPU")
+    notes.append(threads.describe())
     if inferred is not None:
         notes.append(f"natural partition: {inferred} clients (data.num_clients inferred)")
     return Simulation(cfg, data, parts, coordinator, model, device, notes)
