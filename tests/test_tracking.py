@@ -59,3 +59,26 @@ def test_tensorboard_and_mlflow_runs_read_back(tmp_path, monkeypatch):
     got = client.get_metric_history(run.info.run_id, "test_accuracy")
     assert [(m.step, m.value) for m in got] == [(1, pytest.approx(accuracy[0])),
                                                 (2, pytest.approx(accuracy[1]))]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_tracker_runs(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    over = ["run.rounds=2", "data.num_clients=4", "client.epochs=1", "client.device='cpu'",
+            'run.trackers=["tensorboard", "mlflow"]']
+    run_dir, _ = run_simulation(None, overrides=over, output=tmp_path / "r", stop_after=1)
+    _, history = run_simulation(resume=run_dir)
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("confide").experiment_id])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")]
+    assert steps == [1, 2]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("test_accuracy")] == [1, 2]
