@@ -110,6 +110,16 @@ def _run_title(run_dir: Path) -> str:
     return f"{title}\n{', '.join(parts)}"
 
 
+def _delta(run_dir: Path) -> str:
+    try:
+        import tomllib
+
+        cfg = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+        return f"{float(cfg['privacy']['delta']):g}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
 def _save(fig: Any, run_dir: Path, name: str) -> Path:
     import matplotlib.pyplot as plt
 
@@ -171,7 +181,8 @@ def plot_history(run_dir: Path, history: list[dict[str, Any]]) -> Path | None:
     if with_eps:
         axes[2].plot([r["epsilon"] for r in with_eps], [r["test_accuracy"] for r in with_eps],
                      marker=".", color="tab:green")
-        axes[2].set(xlabel="ε spent", ylabel="test accuracy", title="Accuracy vs ε",
+        axes[2].set(xlabel=f"ε spent (δ = {_delta(run_dir)})", ylabel="test accuracy",
+                    title="Accuracy vs ε",
                     ylim=(0.0, 1.02))
         axes[2].set_xlim(left=0.0)
         axes[2].grid(alpha=0.3)

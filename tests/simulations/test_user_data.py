@@ -78,3 +78,20 @@ def test_embedding_model_trains_on_token_ids(tmp_path, monkeypatch):
     assert f"num_clients = {len(make_data.SITES)}" in saved  # resumable with the same clients
     weights = torch.load(run_dir / "model.pt")
     assert weights["embed.weight"].shape[0] == 256
+
+
+@pytest.mark.slow
+def test_a_diverging_run_is_flagged_in_log_and_history(tmp_path, caplog):
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()  # raw features up to ~4000
+    path = tmp_path / "raw.npz"
+    np.savez(path, x=bunch.data, y=bunch.target)
+    caplog.set_level(logging.WARNING, logger="confide")
+    run_dir, _ = run_simulation(None, output=tmp_path / "r", overrides=[
+        f"data.path='{path}'", "data.standardize=false", "run.rounds=2", "data.num_clients=4",
+        "client.epochs=1", "client.lr=0.001", "model.name='logreg'", "client.device='cpu'"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("training diverges" in m and "data.standardize = true" in m for m in messages)
+    saved = json.loads((run_dir / "history.json").read_text())
+    assert saved[0].get("diverged") is True
