@@ -57,6 +57,9 @@ class RunConfig:
     rounds: int = _c(30, ge=1, help="federated rounds to run")
     eval_every: int = _c(1, ge=1, help="evaluate the global model on the test set every N rounds "
                          "(and after the last)")
+    trackers: tuple[Literal["tensorboard", "mlflow"], ...] = _c(
+        (), help="experiment trackers fed every round: tensorboard, mlflow (the 'tracking' "
+        "extra)")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ class DataConfig:
     client_column: str = _c("client_id", help="CSV column naming each row's client (natural "
                             "partition)")
     label_column: str = _c("label", help="CSV column holding the label")
+    standardize: bool = _c(True, help="z-score a user's float features (data.path) with the "
+                           "training mean and std; fashion-mnist: normalise pixels with the "
+                           "training mean and std (false: raw pixels in [0, 1])")
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,9 @@ class SimulationConfig:
                                       "client's bandwidth (persistent and per task, each)")
     latency_rtt_s: float = _c(0.1, ge=0, help="virtual clock: fixed seconds per message each "
                               "way (connection set-up, round trips)")
+    cpu_threads: int | Literal["auto"] = _c(
+        "auto", ge=1, help="intra-op CPU threads: auto (one per concurrently trained client; an "
+        "explicit OMP_NUM_THREADS is kept) or a thread count")
 
 
 @dataclass(frozen=True)
@@ -320,6 +329,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key} = {value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r} has the wrong type; expected a list")
+        item = typing.get_args(tp)[0]
+        return tuple(dict.fromkeys(_coerce(v, item, key) for v in value))
     if origin in (Mapping, dict):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a table")

@@ -309,7 +309,7 @@ def client_start(
     max_poll_interval: Annotated[float, typer.Option(
         help="Longest wait between polls while idle.", min=0.001)] = 0.1,
     threads: Annotated[int | None, typer.Option(
-        help="CPU threads for training (default: torch's choice).", min=1)] = None,
+        help="CPU threads for training (default: one; OMP_NUM_THREADS is kept).", min=1)] = None,
     connect_timeout: Annotated[float, typer.Option(
         help="Seconds to keep trying to reach the coordinator.", min=0)] = 60.0,
     insecure: Annotated[bool, typer.Option(
@@ -323,10 +323,10 @@ def client_start(
     from confide.client.node import NodeOptions, run_node
 
     _logging(quiet)
-    if threads is not None:
-        import torch
+    from confide.threads import apply_thread_policy
 
-        torch.set_num_threads(threads)
+    # One intra-op thread unless --threads (or OMP_NUM_THREADS) says otherwise.
+    apply_thread_policy(threads if threads is not None else "auto")
     identity = load_identity(directory)
     source = LocalDataFile(data)
     runner = TaskRunner(source, device=device, allowed_model_factories=tuple(allow_model or ()))

@@ -137,7 +137,7 @@ def simulate(
     console = _get_console(stderr=False)
 
     progress = Progress(
-        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("[bold]{task.description}"), MofNCompleteColumn(), BarColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
         console=err_console, disable=quiet, transient=False,
     )
@@ -149,7 +149,7 @@ def simulate(
         for note in sim.notes:
             logging.getLogger("confide").info(note)
         cfg = sim.config
-        task_id = progress.add_task("rounds", total=cfg.run.rounds,
+        task_id = progress.add_task("round", total=cfg.run.rounds,
                                     completed=sim.coordinator.completed_rounds, status="")
         progress.start()
         started = True
@@ -163,10 +163,14 @@ def simulate(
         if task_id is not None:
             progress.update(task_id, advance=1, status=status)
 
+    # A terminal gets a live clients bar; a pipe or log file plain lines (the default).
+    from confide.progress import RichRoundProgress
+
+    in_round = RichRoundProgress(progress) if err_console.is_terminal and not quiet else None
     try:
         run_dir, history = run_simulation(
             config, overrides=set_ or [], output=output, resume=resume, stop_after=stop_after,
-            on_start=on_start, on_round_end=on_round_end,
+            on_start=on_start, on_round_end=on_round_end, progress=in_round,
         )
     finally:
         if started:  # stopping a bar that never started prints a stray blank line
@@ -230,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     _register_groups()
     try:
         code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # typer turns Ctrl-C (and SIGTERM) into 130 here
+            sys.exit(code)
     except ConfideError as exc:
         print_error(exc)
         sys.exit(exc.exit_code)

@@ -55,7 +55,8 @@ def read_data_file(path: str | Path, *, label_column: str = "label"
         raise DataError(f"{str(p)!r}: x holds NaN or infinite values")
     if not np.all(y == np.round(y)) or y.min() < 0:
         raise DataError(f"{str(p)!r}: y must hold class indices 0, 1, 2, ...")
-    return x.astype(np.float32), y.astype(np.int64)
+    # Integer samples (other than uint8 pixels) are token ids for an embedding: kept.
+    return input_array(x, source=repr(str(p))), y.astype(np.int64)
 
 
 class ClientDataSource(ABC):
@@ -123,3 +124,16 @@ def read_csv_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
             return list(reader), list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{str(path)!r} is not a readable CSV file ({exc})") from None
+
+
+def input_array(x: np.ndarray, *, source: str) -> np.ndarray:
+    """Samples as the model gets them: integer ids stay int64, everything else float32.
+
+    Integer arrays (other than ``uint8``, which is read as pixel values) are token or
+    category ids for an embedding layer, so they are never cast to float.
+    """
+    if x.dtype.kind in "iu" and x.dtype != np.uint8:
+        return x.astype(np.int64)
+    if x.dtype.kind not in "fiub":
+        raise DataError(f"{source}: x must be a numeric array (got dtype {x.dtype})")
+    return x.astype(np.float32)

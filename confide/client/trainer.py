@@ -8,6 +8,7 @@ every gradient. Shuffling is seeded per client and round, so runs are reproducib
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,9 @@ def _param_slices(model: nn.Module) -> list[tuple[nn.Parameter, slice]]:
 
 class LocalTrainer:
     """Trains a model replica on one client's data and returns its update."""
+
+    #: called as ``on_epoch(epoch, epochs)`` when a local epoch starts (progress display)
+    on_epoch: Callable[[int, int], None] | None = None
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.model = model.to(device)
@@ -79,6 +83,8 @@ class LocalTrainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         for _epoch in range(settings.epochs):
+            if self.on_epoch is not None:
+                self.on_epoch(_epoch + 1, settings.epochs)
             order = torch.randperm(n, generator=gen).to(self.device)
             for start in range(0, n, settings.batch_size):
                 if drop_after_steps is not None and steps >= drop_after_steps:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -17,10 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from confide.client.data import read_csv_table
+from confide.client.data import input_array, read_csv_table
 from confide.exceptions import DataError
 
-__all__ = ["FederatedDataset", "load_dataset", "available_datasets", "FASHION_MNIST_DIR"]
+__all__ = ["FederatedDataset", "load_dataset", "available_datasets", "FASHION_MNIST_DIR",
+           "input_array"]
+
+log = logging.getLogger("confide")
+
+#: a raw feature larger than this (in absolute value) is "large-scale" for SGD
+LARGE_FEATURE = 10.0
 
 #: where Debian's dataset-fashion-mnist puts the IDX files; CONFIDE_FASHION_MNIST_DIR overrides
 FASHION_MNIST_DIR = Path(os.environ.get("CONFIDE_FASHION_MNIST_DIR",
@@ -39,6 +46,10 @@ class FederatedDataset:
     num_classes: int
     natural_clients: np.ndarray | None = None
     client_names: list[str] | None = None
+    #: user data: the original label of each class index (saved as the run's label_map.json)
+    label_names: list[str] | None = None
+    #: user data: per-feature training mean and std that ``data.standardize`` applied
+    scaling: dict[str, list[float]] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -92,7 +103,8 @@ def _read_idx(path: Path) -> np.ndarray:
     return arr.reshape(dims)
 
 
-def _fashion_mnist(seed: int, test_fraction: float) -> FederatedDataset:
+def _fashion_mnist(seed: int, test_fraction: float, standardize: bool = True
+                   ) -> FederatedDataset:
     d = FASHION_MNIST_DIR
     if not d.is_dir():
         raise DataError(
@@ -104,9 +116,13 @@ def _fashion_mnist(seed: int, test_fraction: float) -> FederatedDataset:
     x_te = _read_idx(d / "t10k-images-idx3-ubyte.gz")
     y_te = _read_idx(d / "t10k-labels-idx1-ubyte.gz")
 
-    # Normalised as in NIID-Bench (mean/std of the training images).
+    # Normalised with the training images' mean and std (torchvision's usual Normalize), or
+    # raw pixels in [0, 1] (data.standardize = false): what Flower's NIID-Bench baseline
+    # feeds its CNN (baselines/niid_bench, dataset_preparation.py: ToTensor() only).
+    mean, std = (0.2860, 0.3530) if standardize else (0.0, 1.0)
+
     def prep(x: np.ndarray) -> np.ndarray:
-        return ((x.astype(np.float32) / 255.0 - 0.2860) / 0.3530)[:, None, :, :]
+        return ((x.astype(np.float32) / 255.0 - mean) / std)[:, None, :, :]
 
     return FederatedDataset("fashion-mnist", prep(x_tr), y_tr.astype(np.int64), prep(x_te),
                             y_te.astype(np.int64), 10)
@@ -183,7 +199,7 @@ def _heart_disease(seed: int, test_fraction: float) -> FederatedDataset:
 
 
 def _user_data(path: str, client_column: str, label_column: str, seed: int,
-               test_fraction: float) -> FederatedDataset:
+               test_fraction: float, standardize: bool = True) -> FederatedDataset:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file {path!r} not found")
@@ -197,7 +213,7 @@ def _user_data(path: str, client_column: str, label_column: str, seed: int,
             if key not in arrays:
                 raise DataError(f"{path!r} must hold arrays 'x' and 'y' (and optionally "
                                 f"'{client_column}', 'x_test', 'y_test'); '{key}' is missing")
-        x = arrays["x"].astype(np.float32)
+        x = input_array(arrays["x"], source=repr(path))
         y_raw = arrays["y"]
         clients = arrays.get(client_column)
         x_test = arrays.get("x_test")
@@ -220,28 +236,56 @@ def _user_data(path: str, client_column: str, label_column: str, seed: int,
         raise DataError(f"data file {path!r}: expected a .csv or .npz file")
     if len(x) == 0 or len(x) != len(y_raw):
         raise DataError(f"{path!r}: x and y must be non-empty and of equal length")
+    # Labels become class indices 0..k-1 in sorted order; label_names keeps the mapping
+    # (the run folder's label_map.json), so predictions can be read back.
     labels, y = np.unique(y_raw if y_test is None else np.concatenate([y_raw, y_test]),
                           return_inverse=True)
     y = y.astype(np.int64)
+    label_names = [str(v.item() if hasattr(v, "item") else v) for v in labels]
     if y_test is not None and x_test is not None:
         y_tr, y_te = y[: len(y_raw)], y[len(y_raw):]
         natural = names = None
         if clients is not None:
             names, natural = np.unique(clients, return_inverse=True)
-        return FederatedDataset(p.stem, x, y_tr, x_test.astype(np.float32), y_te, len(labels),
-                                natural_clients=natural,
+        data = FederatedDataset(p.stem, x, y_tr, input_array(x_test, source=repr(path)), y_te,
+                                len(labels), natural_clients=natural,
                                 client_names=[str(n) for n in names] if names is not None
-                                else None)
-    train, test = _stratified_split(y, test_fraction, np.random.default_rng([seed, 13]))
-    natural = names = None
-    if clients is not None:
-        names, natural = np.unique(clients, return_inverse=True)
-        natural = natural[train]
-    return FederatedDataset(
-        p.stem, x[train], y[train], x[test], y[test], len(labels),
-        natural_clients=natural,
-        client_names=[str(n) for n in names] if names is not None else None,
-    )
+                                else None, label_names=label_names)
+    else:
+        train, test = _stratified_split(y, test_fraction, np.random.default_rng([seed, 13]))
+        natural = names = None
+        if clients is not None:
+            names, natural = np.unique(clients, return_inverse=True)
+            natural = natural[train]
+        data = FederatedDataset(
+            p.stem, x[train], y[train], x[test], y[test], len(labels),
+            natural_clients=natural,
+            client_names=[str(n) for n in names] if names is not None else None,
+            label_names=label_names,
+        )
+    return _scale_features(data, standardize=standardize, source=repr(path))
+
+
+def _scale_features(data: FederatedDataset, *, standardize: bool, source: str
+                    ) -> FederatedDataset:
+    """``data.standardize``: z-score float features with the training mean and std."""
+    if data.x_train.dtype.kind != "f":  # token ids: never scaled
+        return data
+    if standardize:
+        axes = (0,)
+        mean = data.x_train.mean(axis=axes, dtype=np.float64)
+        std = data.x_train.std(axis=axes, dtype=np.float64)
+        std = np.where(std > 0, std, 1.0)  # a constant feature stays 0 after centring
+        data.x_train = ((data.x_train - mean) / std).astype(np.float32)
+        data.x_test = ((data.x_test - mean) / std).astype(np.float32)
+        data.scaling = {"mean": mean.ravel().tolist(), "std": std.ravel().tolist()}
+        return data
+    peak = float(np.abs(data.x_train).max()) if data.x_train.size else 0.0
+    if peak > LARGE_FEATURE:
+        log.warning("%s: raw features reach |x| = %.3g and data.standardize = false; "
+                    "large-scale inputs often make SGD diverge (set data.standardize = true)",
+                    source, peak)
+    return data
 
 
 _LOADERS = {"digits": _digits, "fashion-mnist": _fashion_mnist, "heart-disease": _heart_disease}
@@ -253,14 +297,21 @@ def available_datasets() -> list[str]:
 
 
 def load_dataset(name: str, *, seed: int, test_fraction: float = 0.2, path: str | None = None,
-                 client_column: str = "client_id", label_column: str = "label"
-                 ) -> FederatedDataset:
-    """Load a built-in dataset by name, or a user's CSV/.npz when ``path`` is given."""
+                 client_column: str = "client_id", label_column: str = "label",
+                 standardize: bool = True) -> FederatedDataset:
+    """Load a built-in dataset by name, or a user's CSV/.npz when ``path`` is given.
+
+    ``standardize`` z-scores a user's float features with the training split's mean and std;
+    for ``fashion-mnist`` it normalises the pixels (false: raw pixels in [0, 1]).
+    """
     if path is not None:
-        return _user_data(path, client_column, label_column, seed, test_fraction)
+        return _user_data(path, client_column, label_column, seed, test_fraction,
+                          standardize)
     if name not in _LOADERS:
         raise DataError(
             f"unknown dataset {name!r}; available: {', '.join(available_datasets())}, "
             "or set data.path to a CSV/.npz file"
         )
+    if name == "fashion-mnist":
+        return _fashion_mnist(seed, test_fraction, standardize)
     return _LOADERS[name](seed, test_fraction)

@@ -53,6 +53,8 @@ class SimulationContext:
     privacy: RoundPrivacy | None = None
     #: length of the flat parameter vector (the job builder's layout)
     dim: int = 0
+    #: in-round progress (confide.progress.RoundProgress); None: no reports
+    progress: Any = None
 
     def client_data(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training tensors of one client (on the device)."""
@@ -84,6 +86,10 @@ class SequentialExecutor(SimulationExecutor):
     def run_cohort(self, tasks: Sequence[ClientTask]) -> CohortOutcome:  # noqa: D102
         results: list[ClientResult] = []
         failures: dict[int, str] = {}
+        progress = self.context.progress
+        if progress is not None and tasks:
+            progress.start_round(tasks[0].server_round, len(tasks))
+            self.trainer.on_epoch = progress.epoch
         for done, task in enumerate(tasks, start=1):
             x, y = self.context.client_data(task.client_id)
             try:
@@ -91,6 +97,9 @@ class SequentialExecutor(SimulationExecutor):
                                                self.context.pipeline))
             except ClientDropped as exc:
                 failures[task.client_id] = str(exc)
+            finally:
+                if progress is not None:
+                    progress.client_done()
             self._report_progress(done, len(tasks))
         batch = ResultBatch.from_results(results, dim=self.context.dim,
                                          device=self.context.device)
