@@ -3,8 +3,8 @@
 import importlib.util
 
 import pytest
-from confide.app.simulate import run_simulation
 
+from confide.app.simulate import run_simulation
 from confide.exceptions import ConfigError
 from confide.tracking import check_trackers
 

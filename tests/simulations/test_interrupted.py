@@ -6,9 +6,9 @@ import subprocess
 import time
 
 import pytest
-from confide.app.simulate import run_simulation
 from confide_testing import ROOT, cli_command
 
+from confide.app.simulate import run_simulation
 from confide.exceptions import CheckpointError
 
 JOB = ["run.rounds=2", "data.num_clients=4", "client.epochs=1", "client.device='cpu'"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from confide.app.simulate import build_simulation, run_simulation
 
+from confide.app.simulate import build_simulation, run_simulation
 from confide.client.data import read_data_file
 from confide.config import load_config
 from confide.simulations.datasets import load_dataset
