@@ -146,7 +146,7 @@ class PrivacyConfig:
     clip_learning_rate: float = _c(0.2, gt=0)
     target_epsilon: float | None = _c(None, gt=0)
     delta: float = _c(1e-5, gt=0, lt=1)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv", "pld"] = "rdp"
 
 
 @dataclass(frozen=True)
