@@ -97,12 +97,13 @@ class CohortConfig:
 
     ``size`` is a client count (an integer >= 1) or a fraction of all clients (a float in
     (0, 1]). ``sampling = "poisson"`` includes each client independently with probability
-    size / num_clients, which is what the DP accountants assume.
+    size / num_clients, which is what the DP accountants assume. ``sampling = "cyclic"``
+    visits num_clients // size fixed groups in a seeded fixed order (DP-FTRL's setting).
     """
 
     size: int | float = 1.0
     min_clients: int = _c(1, ge=1)
-    sampling: Literal["fixed", "poisson"] = "fixed"
+    sampling: Literal["fixed", "poisson", "cyclic"] = "fixed"
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class SimulationConfig:
 class PrivacyConfig:
     """``[privacy]``: differential privacy (see ``confide.privacy``)."""
 
-    mode: Literal["off", "central", "dp-sgd", "distributed"] = "off"
+    mode: Literal["off", "central", "dp-sgd", "distributed", "dp-ftrl"] = "off"
     noise_multiplier: float | None = _c(None, ge=0)
     clip_norm: float = _c(1.0, gt=0)
     adaptive_clipping: bool = False
@@ -147,6 +148,19 @@ class PrivacyConfig:
     target_epsilon: float | None = _c(None, gt=0)
     delta: float = _c(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv", "pld"] = "rdp"
+    # DP-FTRL (mode "dp-ftrl", confide.privacy.ftrl): correlated noise, no sampling assumed
+    ftrl_mechanism: Literal["tree", "banded"] = "banded"
+    #: tree aggregation: Honaker's variance-reduced estimator or the plain node sums
+    tree_estimator: Literal["honaker", "vanilla"] = "honaker"
+    #: rounds per tree before a restart (default: privacy.min_separation when cyclic)
+    tree_restart: int | None = _c(None, ge=1)
+    #: banded factorisation's band (default: min_separation when cyclic, else min(rounds, 32))
+    band: int | None = _c(None, ge=1)
+    participation: Literal["single", "cyclic"] = "cyclic"
+    #: fewest rounds between a client's participations (default: num_clients // cohort)
+    min_separation: int | None = _c(None, ge=1)
+    #: the key-encryption key of the noise key (default: RUN_DIR/secrets/dp_ftrl_noise.kek)
+    noise_key_file: str | None = None
 
 
 @dataclass(frozen=True)

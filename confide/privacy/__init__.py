@@ -8,6 +8,8 @@
   (:class:`confide.privacy.central.CentralDP`, fixed or adaptive clipping);
 * ``dp-sgd`` — sample-level DP-SGD inside every client through Opacus
   (:class:`confide.privacy.dpsgd.DPSGDPrivacy`), each client's epsilon tracked;
+* ``dp-ftrl`` — client-level DP-FTRL without sampling: tree aggregation or banded matrix
+  factorisation noise on prefix sums (:class:`confide.privacy.ftrl.DPFTRL`);
 * ``distributed`` — distributed DP under secure aggregation, built by
   ``confide.privacy.distributed.build_round_privacy(config, *, num_clients, dataset_size)``
   when that module is present.
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["RoundPrivacy", "build_round_privacy"]
 
 #: modes whose guarantee is about a client's whole update, computed on the *sum*
-CLIENT_LEVEL_MODES = ("central", "distributed")
+CLIENT_LEVEL_MODES = ("central", "distributed", "dp-ftrl")
 
 
 def _refuse_robust_strategy(config: Config) -> None:
@@ -74,7 +76,14 @@ def build_round_privacy(config: Config, *, num_clients: int, dataset_size: int
         from confide.privacy.central import CentralDP
 
         return CentralDP.from_config(config, num_clients=num_clients)
+    if mode == "dp-ftrl":
+        from confide.privacy.ftrl import DPFTRL
+
+        return DPFTRL.from_config(config, num_clients=num_clients)
     if mode == "dp-sgd":
+        if config.privacy.accountant == "pld":
+            raise ConfigError("privacy.accountant = 'pld' is not wired into DP-SGD's Opacus "
+                              "engine yet; use 'rdp' or 'prv' with privacy.mode = 'dp-sgd'")
         from confide.privacy.dpsgd import DPSGDPrivacy
 
         return DPSGDPrivacy.from_config(config, num_clients=num_clients)
@@ -90,4 +99,4 @@ def build_round_privacy(config: Config, *, num_clients: int, dataset_size: int
         return module.build_round_privacy(config, num_clients=num_clients,
                                           dataset_size=dataset_size)
     raise ConfigError(f"privacy.mode = {mode!r} is not available; choose one of: 'off', "
-                      "'central', 'dp-sgd', 'distributed'")
+                      "'central', 'dp-sgd', 'distributed', 'dp-ftrl'")

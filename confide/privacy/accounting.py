@@ -122,10 +122,11 @@ def fold_gaussians(history: Sequence[PrivacyEvent]) -> list[PrivacyEvent]:
     mechanism with ``z^-2 = sum_i steps_i / z_i^2`` (Dong, Roth, Su 2019, Cor. 3.3: mu-GDP
     composes as the root sum of squares; in RDP the curves ``α / (2 z_i^2)`` add, Mironov 2017,
     Prop. 1 and Table 2). A history of many distinct Gaussians (DP-FTRL's rounds) thus costs one
-    accountant evaluation. Histories with at most one kind of ``q = 1`` event are unchanged.
+    accountant evaluation, and is accounted exactly as that one Gaussian (no numerical
+    composition error). A history with at most one ``q = 1`` step is unchanged.
     """
     gaussians = [e for e in history if e[1] == 1.0]
-    if len({e[0] for e in gaussians}) <= 1:
+    if sum(steps for _z, _q, steps in gaussians) <= 1:
         return list(history)
     inverse_square = math.fsum(steps / z ** 2 for z, _q, steps in gaussians)
     return [e for e in history if e[1] != 1.0] + [(inverse_square ** -0.5, 1.0, 1)]
@@ -144,7 +145,8 @@ def _dp_event(history: Sequence[PrivacyEvent]) -> dp_accounting.DpEvent:
 
 def _pld_epsilon(history: Sequence[PrivacyEvent], delta: float) -> float:
     """``PLDAccountant().compose(event).get_epsilon(delta)`` with dp_accounting's defaults
-    (add-or-remove-one neighbours, value discretisation interval 1e-4)."""
+    (add-or-remove-one neighbours, value discretisation interval 1e-4).
+    """
     accountant = pld_privacy_accountant.PLDAccountant()
     accountant.compose(_dp_event(history))
     return float(accountant.get_epsilon(delta))
