@@ -112,7 +112,7 @@ class DPFTRL(LedgeredPrivacy):
                  rounds: int, participation: str, min_separation: int | None,
                  expected_clients: float, delta: float, accountant: str = "rdp",
                  target_epsilon: float | None = None, kek_path: Path | None = None,
-                 noise_multiplier_pinned: bool = True) -> None:
+                 noise_multiplier_pinned: bool = True, noise_key: bytes | None = None) -> None:
         if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
             raise PrivacyError(f"noise multiplier = {noise_multiplier!r} must be > 0")
         if not (math.isfinite(clip_norm) and clip_norm > 0):
@@ -133,6 +133,8 @@ class DPFTRL(LedgeredPrivacy):
         self.participations: dict[int, int] = {}
         self._refused = 0
         self._source: NoiseSource | None = None
+        #: None: a fresh key from the OS CSPRNG at the first round (tests may pin one)
+        self._noise_key = noise_key
         self._wrapped_key: str | None = None
         self._kek: bytes | None = None
         self._replay_to = 0
@@ -280,7 +282,7 @@ class DPFTRL(LedgeredPrivacy):
                                    f"started for {self._dim}")
             return
         if self._wrapped_key is None:
-            self._source = NoiseSource()
+            self._source = NoiseSource(self._noise_key)
         else:
             self._source = NoiseSource(unwrap_key(self._require_kek(create=False),
                                                   self._wrapped_key))
