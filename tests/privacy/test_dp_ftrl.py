@@ -295,18 +295,18 @@ def _round(dp: DPFTRL, rnd: int, cohort: list[int], dim: int = 257) -> torch.Ten
 def test_resume_continues_the_correlated_noise_exactly(mechanism, tmp_path):
     kek = tmp_path / "secrets" / "noise.kek"
     cohorts = [[(r - 1) % 3 * 2, (r - 1) % 3 * 2 + 1] for r in range(1, 9)]  # 3 groups
-    straight = ftrl(mechanism(), rounds=8, separation=3, kek_path=kek)
+    straight = ftrl(mechanism(), rounds=8, separation=3, kek_path=kek, accountant="rdp")
     expected = [_round(straight, r, cohorts[r - 1]) for r in range(1, 9)]
 
     # the same secret key as the straight run (which wraps its own under the same KEK)
-    first = ftrl(mechanism(), rounds=8, separation=3, kek_path=kek,
+    first = ftrl(mechanism(), rounds=8, separation=3, kek_path=kek, accountant="rdp",
                  noise_key=straight._source.key)
     got = [_round(first, r, cohorts[r - 1]) for r in range(1, 5)]
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     raw = buffer.getvalue()
     assert first._source.key not in raw and first._source.key.hex().encode() not in raw
-    resumed = ftrl(mechanism(), rounds=8, separation=3, kek_path=kek)
+    resumed = ftrl(mechanism(), rounds=8, separation=3, kek_path=kek, accountant="rdp")
     resumed.load_state_dict(torch.load(io.BytesIO(raw), weights_only=True))
     got += [_round(resumed, r, cohorts[r - 1]) for r in range(5, 9)]
     for a, b in zip(got, expected, strict=True):
@@ -317,11 +317,12 @@ def test_resume_continues_the_correlated_noise_exactly(mechanism, tmp_path):
     # a wrong key-encryption key cannot continue the noise
     other = tmp_path / "other.kek"
     load_or_create_kek(other, create=True)
-    stranger = ftrl(mechanism(), rounds=8, separation=3, kek_path=other)
+    stranger = ftrl(mechanism(), rounds=8, separation=3, kek_path=other, accountant="rdp")
     stranger.load_state_dict(torch.load(io.BytesIO(raw), weights_only=True))
     with pytest.raises(PrivacyError, match="does not unwrap"):
         _round(stranger, 5, cohorts[4])
-    missing = ftrl(mechanism(), rounds=8, separation=3, kek_path=tmp_path / "absent.kek")
+    missing = ftrl(mechanism(), rounds=8, separation=3, kek_path=tmp_path / "absent.kek",
+                   accountant="rdp")
     missing.load_state_dict(torch.load(io.BytesIO(raw), weights_only=True))
     with pytest.raises(PrivacyError, match="is missing"):
         _round(missing, 5, cohorts[4])
