@@ -34,6 +34,7 @@ the key-encryption key in its own file, state replayed on resume).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -227,11 +228,24 @@ class DPFTRL(LedgeredPrivacy):
 
     # ------------------------------------------------------------------ step 4 (client)
     def client_stages(self) -> list[UpdateStage]:  # noqa: D102
-        return [self.clip_update]
+        return [_ClipStage(self)]
 
     def clip_update(self, update: torch.Tensor, ctx: StageContext) -> torch.Tensor:
         """Clip to ``C`` (the sensitivity is in units of ``C``)."""
         return l2_clip(update, self.clip_norm)
+
+    def clip_batch(self, updates: torch.Tensor, contexts: Sequence[StageContext]
+                   ) -> torch.Tensor:
+        """:meth:`clip_update` of a cohort ``[n, dim]``: one factor per row, and any row the
+        rounding leaves above ``C`` clipped again by :func:`l2_clip` (which guarantees it).
+        """
+        norms = torch.linalg.vector_norm(updates.detach().to(torch.float64), dim=1)
+        factor = torch.clamp(self.clip_norm / torch.clamp(norms, min=1e-300), max=1.0)
+        clipped = (updates.to(torch.float64) * factor[:, None]).to(updates.dtype)
+        over = torch.linalg.vector_norm(clipped.to(torch.float64), dim=1) > self.clip_norm
+        for row in torch.nonzero(over).flatten().tolist():
+            clipped[row] = l2_clip(updates[row], self.clip_norm)
+        return clipped
 
     # ------------------------------------------------------------------ participation
     def admit(self, client_ids: Sequence[int], server_round: int) -> list[int]:
@@ -270,9 +284,18 @@ class DPFTRL(LedgeredPrivacy):
         admitted = set(self.admit([r.client_id for r in results], server_round))
         if len(admitted) == len(results):
             return
-        if not isinstance(results, list):
+        if isinstance(results, list):
+            results[:] = [r for r in results if int(r.client_id) in admitted]
+            return
+        select = getattr(results, "select", None)
+        if select is None or not dataclasses.is_dataclass(results):
             raise PrivacyError("DP-FTRL cannot refuse clients here: the results are read-only")
-        results[:] = [r for r in results if int(r.client_id) in admitted]
+        # A ResultBatch (confide.round): keep the admitted rows, in place, so the batch the
+        # coordinator aggregates next is the filtered one.
+        ids = list(results.client_ids)  # type: ignore[attr-defined]
+        kept = select([i for i, cid in enumerate(ids) if int(cid) in admitted])
+        for f in dataclasses.fields(kept):
+            setattr(results, f.name, getattr(kept, f.name))
 
     # ------------------------------------------------------------------ step 6 (server)
     def _ensure_noise(self, dim: int) -> None:
@@ -391,3 +414,16 @@ class DPFTRL(LedgeredPrivacy):
             self._replay_to = int(noise["rounds"])
         self.ledger.settings.update(self._settings(int(self.ledger.settings.get(
             "planned_rounds", len(self._sens)))))
+
+
+class _ClipStage:
+    """DP-FTRL's client stage: clip to ``C``, per client or for a whole cohort (``batch``)."""
+
+    def __init__(self, privacy: DPFTRL) -> None:
+        self.privacy = privacy
+
+    def __call__(self, update: torch.Tensor, ctx: StageContext) -> torch.Tensor:
+        return self.privacy.clip_update(update, ctx)
+
+    def batch(self, updates: torch.Tensor, contexts: Sequence[StageContext]) -> torch.Tensor:
+        return self.privacy.clip_batch(updates, contexts)

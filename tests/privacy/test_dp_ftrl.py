@@ -354,3 +354,26 @@ def test_client_breaking_the_separation_is_refused_and_logged(caplog):
     assert single.admit([5], 1) == [5]
     assert single.admit([5, 6], 9) == [6]
     assert "it already took part (privacy.participation = 'single')" in caplog.text
+
+
+def test_clip_batch_bounds_every_row_like_clip_update():
+    dp = ftrl(BandedToeplitz(band=2), rounds=4, separation=2, clip=0.5)
+    gen = torch.Generator().manual_seed(0)
+    updates = torch.randn(6, 1000, generator=gen) * torch.tensor([0.0, 1e-4, 0.1, 1, 10, 1e6]
+                                                                  )[:, None]
+    clipped = dp.clip_batch(updates, [None] * 6)  # type: ignore[list-item]
+    norms = torch.linalg.vector_norm(clipped.double(), dim=1)
+    assert bool((norms <= 0.5).all())
+    for row in range(6):
+        assert torch.allclose(clipped[row], dp.clip_update(updates[row], None), atol=1e-7)  # type: ignore[arg-type]
+
+
+def test_refusal_filters_a_result_batch_in_place():
+    round_module = pytest.importorskip("confide.round")  # the coordinator's batch, on main
+    if not hasattr(round_module, "ResultBatch"):
+        pytest.skip("no ResultBatch in this tree")
+    batch = round_module.ResultBatch.from_results([_result(c, 8) for c in (1, 2, 3)])
+    dp = ftrl(BandedToeplitz(band=2), rounds=10, separation=3)
+    dp.admit([2], 1)
+    dp.observe_results(batch, 2)
+    assert batch.client_ids == [1, 3] and tuple(batch.updates.shape) == (2, 8)
