@@ -157,6 +157,14 @@ class DPFTRL(LedgeredPrivacy):
         if p.noise_multiplier is not None and p.noise_multiplier == 0:
             raise ConfigError("privacy.noise_multiplier = 0 adds no noise (epsilon would be "
                               "infinite); give a multiplier > 0, or set privacy.mode = 'off'")
+        if p.adaptive_clipping:
+            raise ConfigError("privacy.adaptive_clipping is not available with privacy.mode = "
+                              "'dp-ftrl' (its noised count would need its own correlated "
+                              "mechanism); use a fixed privacy.clip_norm")
+        if config.cohort.sampling != "cyclic":
+            log.info("privacy: DP-FTRL with cohort.sampling = %r: the participation pattern is "
+                     "enforced by refusing clients that break it; cohort.sampling = 'cyclic' "
+                     "keeps it by construction", config.cohort.sampling)
         separation = None
         if p.participation == "cyclic":
             separation = p.min_separation if p.min_separation is not None else groups
@@ -281,8 +289,12 @@ class DPFTRL(LedgeredPrivacy):
         from it in place.
         """
         self._refused = 0
-        admitted = set(self.admit([r.client_id for r in results], server_round))
-        if len(admitted) == len(results):
+        # a list of ClientResult, or a ResultBatch (confide.round) with host-side client_ids
+        batch_ids = getattr(results, "client_ids", None)
+        ids = ([int(r.client_id) for r in results] if batch_ids is None
+               else [int(c) for c in batch_ids])
+        admitted = set(self.admit(ids, server_round))
+        if len(admitted) == len(ids):
             return
         if isinstance(results, list):
             results[:] = [r for r in results if int(r.client_id) in admitted]
@@ -290,10 +302,9 @@ class DPFTRL(LedgeredPrivacy):
         select = getattr(results, "select", None)
         if select is None or not dataclasses.is_dataclass(results):
             raise PrivacyError("DP-FTRL cannot refuse clients here: the results are read-only")
-        # A ResultBatch (confide.round): keep the admitted rows, in place, so the batch the
-        # coordinator aggregates next is the filtered one.
-        ids = list(results.client_ids)  # type: ignore[attr-defined]
-        kept = select([i for i, cid in enumerate(ids) if int(cid) in admitted])
+        # Keep the admitted rows in place, so the batch the coordinator aggregates next is
+        # the filtered one.
+        kept = select([i for i, cid in enumerate(ids) if cid in admitted])
         for f in dataclasses.fields(kept):
             setattr(results, f.name, getattr(kept, f.name))
 

@@ -24,9 +24,9 @@ from confide.privacy.ftrl_noise import NoiseSource, load_or_create_kek, unwrap_k
 from confide.privacy.ftrl_tree import TreeAggregation, honaker_variances
 
 try:  # the lead is moving Aggregate to confide/round.py
-    from confide.round import Aggregate  # type: ignore[attr-defined]
-except ImportError:
     from confide.server.aggregation import Aggregate
+except ImportError:
+    from confide.round import Aggregate  # type: ignore[no-redef]
 
 DELTA = 1e-5
 

@@ -105,6 +105,7 @@ def test_resumed_dp_ftrl_run_continues_the_ledger(straight_run, tmp_path, capsys
     (["privacy.ftrl_mechanism='tree'", "privacy.tree_restart=3"], "tree_restart = 3 exceeds"),
     (["privacy.participation='single'"], "lasts 2 rounds"),
     (["privacy.noise_multiplier=0"], "adds no noise"),
+    (["privacy.adaptive_clipping=true"], "adaptive_clipping is not available"),
 ])
 def test_bad_dp_ftrl_input_is_one_line_and_the_ledger_intact(straight_run, extra, fragment,
                                                               tmp_path, capsys):

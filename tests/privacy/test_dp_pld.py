@@ -68,9 +68,9 @@ def test_pld_calibration_never_overspends():
     eps = compute_epsilon(noise_multiplier=z, sample_rate=0.01, steps=100, delta=1e-5,
                           accountant="pld")
     assert 2.0 - 0.02 <= eps <= 2.0
-    # PLD is tighter than RDP, so it needs less noise for the same epsilon.
-    assert z < calibrate_noise_multiplier(target_epsilon=2.0, sample_rate=0.01, steps=100,
-                                          delta=1e-5, accountant="rdp")
+    # PLD is tighter than RDP: at PLD's multiplier, RDP's bound is already above the target.
+    assert compute_epsilon(noise_multiplier=z, sample_rate=0.01, steps=100, delta=1e-5,
+                           accountant="rdp") > 2.0
 
 
 def test_folded_gaussians_equal_their_composition():
@@ -108,3 +108,24 @@ def test_ledger_reports_all_three_and_the_enforced_one(tmp_path, capsys):
     assert f"RDP ε = {by_name['rdp']:.3f}," in out
     code, _, err = run_cli(["privacy", "ledger", str(tmp_path / "missing")], capsys)
     assert_one_line_error(code, err)
+
+
+def test_pld_in_the_config_for_central_dp_and_refused_for_dp_sgd():
+    from confide.config import load_config
+    from confide.exceptions import ConfigError
+    from confide.privacy import build_round_privacy
+
+    base = ["data.num_clients=100", "cohort.size=10", "run.rounds=50", "privacy.delta=1e-5"]
+    config = load_config(None, overrides=[*base, "privacy.mode='central'",
+                                          "privacy.noise_multiplier=1.2",
+                                          "privacy.accountant='pld'"])
+    central = build_round_privacy(config, num_clients=100, dataset_size=1000)
+    ledger = central.ledger  # type: ignore[attr-defined]
+    assert ledger.accountant == "pld"
+    eps = ledger.epsilon_after("population", (1.2, 0.1, 1))
+    assert eps == pytest.approx(_dp_accounting_epsilon(1.2, 0.1, 1, 1e-5), rel=1e-12)
+    config = load_config(None, overrides=[*base, "privacy.mode='dp-sgd'",
+                                          "privacy.noise_multiplier=1.0",
+                                          "privacy.accountant='pld'"])
+    with pytest.raises(ConfigError, match="not wired into DP-SGD"):
+        build_round_privacy(config, num_clients=100, dataset_size=1000)
