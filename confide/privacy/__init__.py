@@ -19,8 +19,9 @@ Building blocks for any DP mode, distributed DP included:
 * :mod:`confide.privacy.mechanisms` — ``l2_clip``, ``GaussianMechanism`` (``clip`` +
   ``add_noise``; ``privatize`` built from them), ``AdaptiveClipping``,
   ``split_noise_multiplier``;
-* :mod:`confide.privacy.accounting` — Opacus RDP/PRV accountants: ``epsilon_of(events, delta=,
-  accountant=)``, ``compute_epsilon``, ``calibrate_noise_multiplier`` (target epsilon -> z);
+* :mod:`confide.privacy.accounting` — Opacus RDP/PRV and dp_accounting PLD accountants:
+  ``epsilon_of(events, delta=, accountant=)``, ``compute_epsilon``,
+  ``calibrate_noise_multiplier`` (target epsilon -> z);
   an event is ``(noise_multiplier, sample_rate, steps)``;
 * :mod:`confide.privacy.ledger` — ``PrivacyLedger`` (``run_dir/privacy_ledger.json``) and
   ``LedgeredPrivacy``, a :class:`RoundPrivacy` that implements ``attach_run_dir``,
@@ -30,6 +31,9 @@ Building blocks for any DP mode, distributed DP included:
   DP: ``z`` is the central-equivalent multiplier of the summed discrete noise). The ledger
   is written before the model is released, stops a run before it would exceed
   ``privacy.target_epsilon`` and continues across ``--resume``.
+* :mod:`confide.privacy.ftrl_noise`, :mod:`confide.privacy.ftrl_tree`,
+  :mod:`confide.privacy.ftrl_matrix` — DP-FTRL's keyed noise source, tree aggregation and
+  banded matrix factorisation, with their exact sensitivities;
 * :mod:`confide.privacy.audit` — an empirical lower bound on epsilon from canary clients.
 """
 
