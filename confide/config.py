@@ -115,15 +115,17 @@ class CohortConfig:
 
     ``size`` is a client count (an integer >= 1) or a fraction of all clients (a float in
     (0, 1]). ``sampling = "poisson"`` includes each client independently with probability
-    size / num_clients, which is what the DP accountants assume.
+    size / num_clients, which is what the DP accountants assume. ``sampling = "cyclic"``
+    visits num_clients // size fixed groups in a seeded fixed order (DP-FTRL's setting).
     """
 
     size: int | float = _c(1.0, help="clients per round: a count (integer >= 1) or a fraction of "
                            "all clients (float in (0, 1])")
     min_clients: int = _c(1, ge=1, help="a round with fewer reporting clients fails")
-    sampling: Literal["fixed", "poisson"] = _c(
+    sampling: Literal["fixed", "poisson", "cyclic"] = _c(
         "fixed", help="fixed: exactly size clients; poisson: each client independently with "
-        "probability size / num_clients (what the DP accountants assume)")
+        "probability size / num_clients (what the DP accountants assume); cyclic: the clients "
+        "in seeded fixed groups, visited in order (DP-FTRL's participation)")
     max_retries: int = _c(2, ge=0, help="a round that fails (quorum lost, too few clients for "
                           "secure aggregation) is run again this many times with a fresh "
                           "cohort of the live clients before the job stops")
@@ -196,10 +198,11 @@ class SimulationConfig:
 class PrivacyConfig:
     """``[privacy]``: differential privacy (see ``confide.privacy``)."""
 
-    mode: Literal["off", "central", "dp-sgd", "distributed"] = _c(
+    mode: Literal["off", "central", "dp-sgd", "distributed", "dp-ftrl"] = _c(
         "off", help="off; central: client-level DP-FedAvg, trusted coordinator; dp-sgd: "
         "sample-level DP-SGD in every client (Opacus); distributed: client-level DP noise "
-        "added by the clients under secure aggregation")
+        "added by the clients under secure aggregation; dp-ftrl: correlated noise, no "
+        "sampling assumed (Kairouz et al. 2021)")
     noise_multiplier: float | None = _c(None, ge=0, help="Gaussian noise std / clip norm; unset: "
                                         "calibrated from privacy.target_epsilon")
     clip_norm: float = _c(1.0, gt=0, help="L2 clipping bound of a client update (central, "
@@ -214,8 +217,25 @@ class PrivacyConfig:
                                       "spending more (and calibrates the noise if unset)")
     delta: float = _c(1e-5, gt=0, lt=1, help="the δ of (ε, δ)-DP; keep it below 1 / number of "
                       "clients (central) or samples (dp-sgd)")
-    accountant: Literal["rdp", "prv"] = _c("rdp", help="Opacus accountant: rdp (Rényi DP) or "
-                                           "prv (privacy random variables)")
+    accountant: Literal["rdp", "prv", "pld"] = _c(
+        "rdp", help="rdp (Opacus, Rényi DP), prv (Opacus, privacy random variables) or pld "
+        "(Google dp-accounting, privacy loss distributions)")
+    ftrl_mechanism: Literal["tree", "banded"] = _c(
+        "banded", help="dp-ftrl: tree aggregation (Kairouz et al. 2021) or a banded matrix "
+        "factorisation (Choquette-Choo et al. 2023)")
+    tree_estimator: Literal["honaker", "vanilla"] = _c(
+        "honaker", help="dp-ftrl tree: Honaker's variance-reduced estimator or plain node sums")
+    tree_restart: int | None = _c(None, ge=1, help="dp-ftrl tree: rounds per tree before a "
+                                  "restart (default: privacy.min_separation when cyclic)")
+    band: int | None = _c(None, ge=1, help="dp-ftrl banded: the band (default: min_separation "
+                          "when cyclic, else min(rounds, 32))")
+    participation: Literal["single", "cyclic"] = _c(
+        "cyclic", help="dp-ftrl: each client takes part once, or cyclically with "
+        "privacy.min_separation rounds between participations")
+    min_separation: int | None = _c(None, ge=1, help="dp-ftrl: fewest rounds between a "
+                                    "client's participations (default: num_clients // cohort)")
+    noise_key_file: str | None = _c(None, help="dp-ftrl: the key-encryption key of the noise "
+                                    "key (default: RUN_DIR/secrets/dp_ftrl_noise.kek)")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
 """``confide privacy``: plan a DP run before spending a GPU hour.
 
 ``confide privacy epsilon --noise-multiplier Z --sample-rate Q --rounds T --delta D`` prints the
-epsilon of ``T`` sampled-Gaussian rounds (Opacus accountant, ``--accountant rdp|prv``);
+epsilon of ``T`` sampled-Gaussian rounds (``--accountant rdp|prv``: Opacus; ``pld``: Google's
+``dp_accounting`` privacy-loss-distribution accountant);
 ``--target-epsilon E`` instead of ``--noise-multiplier`` prints the multiplier that reaches
 ``E`` (rounded *up* to 3 decimals, so the printed value never overspends). Rates and deltas
 may be written as fractions: ``--sample-rate 100/3400 --delta 1/3400``.
+
+``confide privacy ledger RUN_DIR`` prints the epsilon a run's ``privacy_ledger.json`` has
+spent under every accountant, and which one the run enforced its budget with.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def epsilon_command(
     target_epsilon: Annotated[float | None, typer.Option(
         "--target-epsilon", "-e", help="Prints the noise multiplier that reaches it.")] = None,
     accountant: Annotated[str, typer.Option(
-        "--accountant", "-a", help="Opacus accountant: rdp or prv.")] = "rdp",
+        "--accountant", "-a", help="rdp or prv (Opacus), or pld (dp_accounting).")] = "rdp",
 ) -> None:
     """Epsilon of T rounds at noise multiplier Z, or the multiplier for a target epsilon."""
     from confide.cli.main import console
@@ -77,10 +81,36 @@ def epsilon_command(
                   f"{z:.6f})", highlight=False, soft_wrap=True)
 
 
+def ledger_command(
+    run_dir: Annotated[str, typer.Argument(help="A run folder with privacy_ledger.json.")],
+) -> None:
+    """Epsilon of a run's privacy ledger under RDP, PRV and PLD; marks the enforced one."""
+    from pathlib import Path
+
+    from confide.cli.main import console
+    from confide.privacy.ledger import LEDGER_NAME, load_ledger
+
+    ledger = load_ledger(Path(run_dir))
+    if ledger is None:
+        raise PrivacyError(f"{run_dir!r} holds no {LEDGER_NAME}")
+    for key in sorted(ledger.accounts, key=lambda k: -ledger.accounts[k].epsilon)[:1]:
+        by_name = ledger.epsilon_by_accountant(key)
+        shown = ", ".join(f"{name.upper()} ε = {eps:.3f}"
+                          + (" (enforced)" if name == ledger.accountant else "")
+                          for name, eps in by_name.items())
+        console.print(f"{key}: {shown}  (mode {ledger.mode}, δ = {ledger.delta:.6g}, "
+                      f"{len(ledger.accounts[key].entries)} events)", highlight=False,
+                      soft_wrap=True)
+    if not ledger.accounts:
+        console.print(f"no privacy spent yet (mode {ledger.mode}, enforced accountant "
+                      f"{ledger.accountant.upper()})", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``privacy`` command group to ``app``."""
     group = typer.Typer(name="privacy", rich_markup_mode=None,
                         help="Differential privacy: accounting and planning.",
                         no_args_is_help=True)
     group.command("epsilon")(epsilon_command)
+    group.command("ledger")(ledger_command)
     app.add_typer(group, name="privacy")

@@ -8,6 +8,8 @@
   (:class:`confide.privacy.central.CentralDP`, fixed or adaptive clipping);
 * ``dp-sgd`` — sample-level DP-SGD inside every client through Opacus
   (:class:`confide.privacy.dpsgd.DPSGDPrivacy`), each client's epsilon tracked;
+* ``dp-ftrl`` — client-level DP-FTRL without sampling: tree aggregation or banded matrix
+  factorisation noise on prefix sums (:class:`confide.privacy.ftrl.DPFTRL`);
 * ``distributed`` — distributed DP under secure aggregation, built by
   ``confide.privacy.distributed.DistributedDP.from_config(config, *, num_clients, dim)``
   when that module is present.
@@ -17,8 +19,9 @@ Building blocks for any DP mode, distributed DP included:
 * :mod:`confide.privacy.mechanisms` — ``l2_clip``, ``GaussianMechanism`` (``clip`` +
   ``add_noise``; ``privatize`` built from them), ``AdaptiveClipping``,
   ``split_noise_multiplier``;
-* :mod:`confide.privacy.accounting` — Opacus RDP/PRV accountants: ``epsilon_of(events, delta=,
-  accountant=)``, ``compute_epsilon``, ``calibrate_noise_multiplier`` (target epsilon -> z);
+* :mod:`confide.privacy.accounting` — Opacus RDP/PRV and dp_accounting PLD accountants:
+  ``epsilon_of(events, delta=, accountant=)``, ``compute_epsilon``,
+  ``calibrate_noise_multiplier`` (target epsilon -> z);
   an event is ``(noise_multiplier, sample_rate, steps)``;
 * :mod:`confide.privacy.ledger` — ``PrivacyLedger`` (``run_dir/privacy_ledger.json``) and
   ``LedgeredPrivacy``, a :class:`RoundPrivacy` that implements ``attach_run_dir``,
@@ -28,6 +31,9 @@ Building blocks for any DP mode, distributed DP included:
   DP: ``z`` is the central-equivalent multiplier of the summed discrete noise). The ledger
   is written before the model is released, stops a run before it would exceed
   ``privacy.target_epsilon`` and continues across ``--resume``.
+* :mod:`confide.privacy.ftrl_noise`, :mod:`confide.privacy.ftrl_tree`,
+  :mod:`confide.privacy.ftrl_matrix` — DP-FTRL's keyed noise source, tree aggregation and
+  banded matrix factorisation, with their exact sensitivities;
 * :mod:`confide.privacy.audit` — an empirical lower bound on epsilon from canary clients.
 """
 
@@ -44,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["RoundPrivacy", "build_round_privacy"]
 
 #: modes whose guarantee is about a client's whole update, computed on the *sum*
-CLIENT_LEVEL_MODES = ("central", "distributed")
+CLIENT_LEVEL_MODES = ("central", "distributed", "dp-ftrl")
 
 
 def _refuse_robust_strategy(config: Config) -> None:
@@ -77,7 +83,14 @@ def build_round_privacy(config: Config, *, num_clients: int, dataset_size: int,
         from confide.privacy.central import CentralDP
 
         return CentralDP.from_config(config, num_clients=num_clients)
+    if mode == "dp-ftrl":
+        from confide.privacy.ftrl import DPFTRL
+
+        return DPFTRL.from_config(config, num_clients=num_clients)
     if mode == "dp-sgd":
+        if config.privacy.accountant == "pld":
+            raise ConfigError("privacy.accountant = 'pld' is not wired into DP-SGD's Opacus "
+                              "engine yet; use 'rdp' or 'prv' with privacy.mode = 'dp-sgd'")
         from confide.privacy.dpsgd import DPSGDPrivacy
 
         return DPSGDPrivacy.from_config(config, num_clients=num_clients)
@@ -95,4 +108,4 @@ def build_round_privacy(config: Config, *, num_clients: int, dataset_size: int,
                               "(build the job with confide.app.job.build_job)")
         return module.DistributedDP.from_config(config, num_clients=num_clients, dim=dim)
     raise ConfigError(f"privacy.mode = {mode!r} is not available; choose one of: 'off', "
-                      "'central', 'dp-sgd', 'distributed'")
+                      "'central', 'dp-sgd', 'distributed', 'dp-ftrl'")

@@ -9,7 +9,10 @@ flow). It holds one *account* per protected party:
 
 Every entry is ``{round, noise_multiplier, sample_rate, steps, epsilon}``, ``epsilon`` being the
 cumulative epsilon after it, from an Opacus accountant (:mod:`confide.privacy.accounting`).
-Entries are only ever appended; a reported epsilon never decreases.
+Entries are only ever appended; a reported epsilon never decreases. ``accountant`` (also
+written as ``enforced_accountant``) is the one whose epsilon the budget is enforced with;
+:meth:`PrivacyLedger.epsilon_by_accountant` (``confide privacy ledger RUN_DIR``) reports the
+same history under every accountant (RDP, PRV, PLD) beside it.
 
 On resume the checkpoint's copy and the file are reconciled: the file may hold a round that
 was accounted but never checkpointed (the process stopped in between). Such a round may
@@ -33,7 +36,13 @@ from typing import Any
 
 from confide.exceptions import PrivacyBudgetExceeded, PrivacyError
 from confide.files import atomic_write_text
-from confide.privacy.accounting import PrivacyEvent, check_delta, epsilon_of, make_accountant
+from confide.privacy.accounting import (
+    ACCOUNTANTS,
+    PrivacyEvent,
+    check_accountant,
+    check_delta,
+    epsilon_of,
+)
 from confide.privacy.base import RoundPrivacy
 
 __all__ = ["LEDGER_NAME", "LEDGER_FORMAT", "PrivacyAccount", "PrivacyLedger",
@@ -96,7 +105,7 @@ class PrivacyLedger:
     accounts: dict[str, PrivacyAccount] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        make_accountant(self.accountant)
+        check_accountant(self.accountant)
         check_delta(self.delta)
 
     # ------------------------------------------------------------------ queries
@@ -109,6 +118,19 @@ class PrivacyLedger:
     def num_events(self) -> int:
         """Number of entries over all accounts."""
         return sum(len(a.entries) for a in self.accounts.values())
+
+    def epsilon_by_accountant(self, key: str | None = None,
+                              accountants: tuple[str, ...] = ACCOUNTANTS) -> dict[str, float]:
+        """Epsilon of account ``key`` (default: the one that spent most) under each accountant.
+
+        Only the enforced accountant's epsilon stops a run; the others are for comparison
+        (each is an upper bound on the same mechanism's privacy loss).
+        """
+        if key is None:
+            key = max(self.accounts, key=lambda k: self.accounts[k].epsilon, default=None)
+        events = [] if key is None else self.accounts[key].events()
+        return {name: epsilon_of(events, delta=self.delta, accountant=name)
+                for name in accountants}
 
     def account(self, key: str) -> PrivacyAccount:
         """The account ``key`` (created empty on first use)."""
@@ -131,6 +153,7 @@ class PrivacyLedger:
             "format": LEDGER_FORMAT,
             "mode": self.mode,
             "accountant": self.accountant,
+            "enforced_accountant": self.accountant,
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "epsilon": self.epsilon,
