@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from confide.client.pipeline import UpdateStage
@@ -67,6 +68,12 @@ class RoundPrivacy:
         reason when the clients' DP-SGD cannot be reproduced outside its own trainer.
         """
         return None
+
+    def admit_cohort(self, cohort: np.ndarray, server_round: int) -> np.ndarray:
+        """After step 1: the sampled clients that may take part (a mechanism that promised a
+        participation pattern refuses the others here, before they get work).
+        """
+        return cohort
 
     def check_budget(self, server_round: int, num_sampled_expected: int) -> None:
         """Before a round: raise PrivacyBudgetExceeded if it would overspend."""

@@ -59,9 +59,8 @@ from confide.privacy.ledger import POPULATION, LedgeredPrivacy
 from confide.privacy.mechanisms import l2_clip
 
 if TYPE_CHECKING:
-    from confide.client.round import ClientResult
     from confide.config import Config
-    from confide.round import Aggregate
+    from confide.round import Aggregate, ClientResult, ResultBatch
 
 __all__ = ["DPFTRL", "build_mechanism", "KEK_NAME"]
 
@@ -282,18 +281,28 @@ class DPFTRL(LedgeredPrivacy):
             self.participations[cid] = self.participations.get(cid, 0) + 1
         return admitted
 
-    def observe_results(self, results: Sequence[ClientResult], server_round: int) -> None:
+    def admit_cohort(self, cohort: np.ndarray, server_round: int) -> np.ndarray:
+        """Step 1: refuse, before they are sent work, the sampled clients that would break
+        the participation pattern the accountant was promised (logged, counted).
+        """
+        self._refused = 0
+        return np.asarray(self.admit([int(c) for c in cohort], server_round), dtype=np.int64)
+
+    def observe_results(self, results: ResultBatch | Sequence[ClientResult],
+                        server_round: int) -> None:
         """Refuse, before aggregation, the results of clients that would break the pattern.
 
         The coordinator passes the list it then aggregates, so refused results are removed
         from it in place.
         """
-        self._refused = 0
         # a list of ClientResult, or a ResultBatch (confide.round) with host-side client_ids
-        batch_ids = getattr(results, "client_ids", None)
-        ids = ([int(r.client_id) for r in results] if batch_ids is None
-               else [int(c) for c in batch_ids])
-        admitted = set(self.admit(ids, server_round))
+        if isinstance(results, Sequence):
+            ids = [int(r.client_id) for r in results]
+        else:
+            ids = [int(c) for c in results.client_ids]
+        # clients admitted when the cohort was sampled (admit_cohort) pass; others are checked
+        fresh = [c for c in ids if self.last_round.get(c) != server_round]
+        admitted = set(ids) - set(fresh) | set(self.admit(fresh, server_round))
         if len(admitted) == len(ids):
             return
         if isinstance(results, list):

@@ -102,6 +102,7 @@ class Coordinator:
                                method=self.privacy.sampling or cfg.cohort.sampling,
                                seed=cfg.run.seed, server_round=rnd, attempt=attempt,
                                available=None if live is None else np.asarray(live))
+        cohort = self.privacy.admit_cohort(cohort, rnd)  # e.g. DP-FTRL's participation rule
 
         # 2. Configure: the instructions every sampled client gets.
         instructions = self.strategy.configure_round(rnd)

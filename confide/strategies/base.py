@@ -46,7 +46,7 @@ def param(default: Any, *, ge: float | None = None, gt: float | None = None,
     ``lr: float = param(0.01, gt=0, help="server learning rate")`` makes
     ``[strategy] lr = -1`` a one-line error naming ``strategy.lr``.
     """
-    from confide.config import _c
+    from confide.validation import _c
 
     return _c(default, ge=ge, gt=gt, le=le, lt=lt, help=help)
 
@@ -107,7 +107,7 @@ class Strategy:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Strategy:
         """Build from the ``[strategy]`` keys, validating them against ``Params``."""
-        from confide.config import validate_dataclass
+        from confide.validation import validate_dataclass
 
         try:
             params = validate_dataclass(cls.Params, dict(options), "strategy.")

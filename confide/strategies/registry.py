@@ -14,9 +14,9 @@ import difflib
 import importlib
 from importlib.metadata import entry_points
 
-from confide.config import register_unknown_key_hint
 from confide.exceptions import StrategyError
 from confide.strategies.base import Strategy
+from confide.validation import register_unknown_key_hint
 
 __all__ = [
     "ENTRY_POINT_GROUP",
