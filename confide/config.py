@@ -455,6 +455,12 @@ def _check_compression_and_clock(config: Config) -> None:
             f"compression.ratio = {comp.ratio!r} is out of range; it must be in (0, 1]")
     if config.secure_aggregation.enabled:
         check_compression_with_secure_aggregation(comp.method)
+        if comp.method == "randk" and config.strategy.name == "fedbuff":
+            raise ConfigError(
+                "compression.method = 'randk' cannot run with secure aggregation under "
+                "strategy 'fedbuff': a buffer mixes clients that started in different rounds, "
+                "whose k values stand for different coordinates, so their masked sum means "
+                "nothing; use 'qsgd' or a synchronous strategy")
     check_compression_with_privacy(method=comp.method, error_feedback=comp.error_feedback,
                                    mode=config.privacy.mode)
     if sim.concurrency is not None and sim.concurrency > config.data.num_clients:

@@ -17,7 +17,7 @@ from confide.client.compression import BYTES_UP_KEY, RESIDUAL_KEY, CompressionSt
 from confide.client.pipeline import StageContext
 from confide.compression import UpdateCodec
 from confide.config import load_config
-from confide.exceptions import ConfigError
+from confide.exceptions import ConfigError, RoundFailedError
 from confide.privacy.secagg.aggregator import SecureAggregator
 from confide.round import ResultBatch, column, sum_batch
 
@@ -214,6 +214,15 @@ def test_secure_randk_runs_over_the_shared_coordinates(n, seed, stage):
     assert torch.equal(agg2.update_sum, agg.update_sum)
 
 
+def test_secure_randk_refuses_payloads_of_different_rounds():
+    cfg, codec = _secure("randk", n=5)
+    x = torch.randn(5, DIM)
+    batch = _batch(codec, x, [1, 2, 3, 4, 5], [1] * 5, rnd=2)
+    batch.info[0]["compression_round"] = 1  # one client started a round earlier (FedBuff)
+    with pytest.raises(RoundFailedError, match="one shared support"):
+        SecureAggregator(cfg).aggregate(batch, server_round=2, weighting="uniform")
+
+
 def test_secure_qsgd_field_too_small_is_refused():
     with pytest.raises(ConfigError, match="too small for QSGD"):
         cfg, _ = _secure("qsgd", n=10, bits=16)
@@ -233,6 +242,8 @@ def test_secure_qsgd_field_too_small_is_refused():
           "privacy.noise_multiplier=1.0"], "cannot run with privacy.mode = 'central'"),
         (["compression.method='randk'", "privacy.mode='distributed'"],
          "cannot run with privacy.mode = 'distributed'"),
+        (["secure_aggregation.enabled=true", "compression.method='randk'",
+          "strategy.name='fedbuff'", "strategy.buffer_size=3"], "under strategy 'fedbuff'"),
         (["secure_aggregation.enabled=true", "secure_aggregation.bits=16",
           "compression.method='qsgd'"], "too small for QSGD"),
     ],

@@ -22,7 +22,7 @@ from confide.client.pipeline import StageContext
 from confide.compression import UpdateCodec
 from confide.exceptions import ConfigError
 
-__all__ = ["CompressionStage", "RESIDUAL_KEY", "BYTES_UP_KEY", "DIM_KEY"]
+__all__ = ["CompressionStage", "RESIDUAL_KEY", "BYTES_UP_KEY", "DIM_KEY", "ROUND_KEY"]
 
 #: client-state key of the error-feedback residual ``e``
 RESIDUAL_KEY = "compression_residual"
@@ -30,6 +30,8 @@ RESIDUAL_KEY = "compression_residual"
 BYTES_UP_KEY = "bytes_up"
 #: ``StageContext.info`` key: how many leading coordinates were compressed
 DIM_KEY = "compression_dim"
+#: ``StageContext.info`` key: the round whose shared seeds the payload used
+ROUND_KEY = "compression_round"
 
 
 class CompressionStage:
@@ -72,6 +74,7 @@ class CompressionStage:
         for row, ctx in enumerate(contexts):
             ctx.info[BYTES_UP_KEY] = per_client
             ctx.info[DIM_KEY] = self.dim  # what secure aggregation's randk/qsgd paths read
+            ctx.info[ROUND_KEY] = server_round  # whose shared seed chose random-k's support
             if new_residuals is not None:
                 ctx.new_state[RESIDUAL_KEY] = new_residuals[row]
         return torch.cat([dense, tail], dim=1) if tail.shape[1] else dense
