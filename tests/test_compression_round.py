@@ -254,3 +254,15 @@ def test_bad_compression_input_is_one_line(extra, fragment, capsys, tmp_path):
     assert_one_line_error(code, err)
     assert fragment in err
     assert not (tmp_path / "n").exists()
+
+
+def test_ledger_says_where_compression_sits(tmp_path):
+    run_dir, history = run_simulation(None, overrides=[
+        *FAST, "run.rounds=1", "privacy.mode='central'", "privacy.noise_multiplier=1.0",
+        "compression.method='randk'", "compression.error_feedback=true"],
+        output=tmp_path / "dp")
+    settings_ = json.loads((run_dir / "privacy_ledger.json").read_text())["settings"]
+    assert settings_["compression"].startswith("randk")
+    assert "after client-level clipping" in settings_["compression_order"]
+    assert "before the server's noise" in settings_["compression_order"]
+    assert history[0]["epsilon"] is not None
