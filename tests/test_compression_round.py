@@ -266,3 +266,11 @@ def test_ledger_says_where_compression_sits(tmp_path):
     assert "after client-level clipping" in settings_["compression_order"]
     assert "before the server's noise" in settings_["compression_order"]
     assert history[0]["epsilon"] is not None
+
+
+def test_deployed_secure_aggregation_refuses_compression():
+    from confide.server.secagg_transport import DeployedSecureAggregator
+
+    cfg, _ = _secure("randk", n=5)
+    with pytest.raises(ConfigError, match="simulation only"):
+        DeployedSecureAggregator(cfg)

@@ -131,6 +131,13 @@ class SecureAggregator(Aggregator):
         # QSGD's integer codes are summed in the field itself (integer inputs).
         self.codec = (UpdateCodec.from_config(config)
                       if config.compression.method != "none" else None)
+        if self.codec is not None and type(self).message_path is not \
+                SecureAggregator.message_path:
+            # A transport subclass (the Grid's) masks what the deployed clients' own SecAgg
+            # stage built: the dense update, not the k values or field codes used here.
+            raise ConfigError("compression with secure aggregation runs in simulation only: "
+                              "the deployed clients' SecAgg stage masks the dense update; "
+                              "set compression.method = 'none' for a deployment")
         if self.codec is not None and self.codec.method == "qsgd":
             self.input_mode = INPUT_INTEGERS
             self._check_qsgd_field(expected)
