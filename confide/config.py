@@ -455,7 +455,7 @@ def _check_compression_and_clock(config: Config) -> None:
             f"compression.ratio = {comp.ratio!r} is out of range; it must be in (0, 1]")
     if config.secure_aggregation.enabled:
         check_compression_with_secure_aggregation(comp.method)
-        if comp.method == "randk" and config.strategy.name == "fedbuff":
+        if comp.method == "randk" and comp.ratio < 1 and config.strategy.name == "fedbuff":
             raise ConfigError(
                 "compression.method = 'randk' cannot run with secure aggregation under "
                 "strategy 'fedbuff': a buffer mixes clients that started in different rounds, "

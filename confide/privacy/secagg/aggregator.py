@@ -387,12 +387,14 @@ class SecureAggregator(Aggregator):
         full = int(rows[0].update.numel())
         cdim = int(rows[0].info.get("compression_dim", full))
         if codec.method == "randk":
-            chosen = {int(r.info.get("compression_round", server_round)) for r in rows}
-            if len(chosen) != 1:  # e.g. a FedBuff buffer of clients that started apart
+            chosen = sorted({int(r.info.get("compression_round", server_round)) for r in rows})
+            supports = [codec.shared_indices(cdim, server_round=c) for c in chosen]
+            if any(not torch.equal(supports[0], other) for other in supports[1:]):
+                # e.g. a FedBuff buffer of clients that started in different rounds
                 raise RoundFailedError(
-                    f"round {server_round}: random-k payloads from rounds {sorted(chosen)} keep "
+                    f"round {server_round}: random-k payloads from rounds {chosen} keep "
                     "different coordinates; secure aggregation needs one shared support")
-            idx = codec.shared_indices(cdim, server_round=chosen.pop())
+            idx = supports[0]
             kept = [dataclasses.replace(r, update=torch.cat(
                 [r.update.reshape(-1)[idx], r.update.reshape(-1)[cdim:]])) for r in rows]
 
