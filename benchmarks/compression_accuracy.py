@@ -94,7 +94,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--executor", default="sequential")
-    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=200,
+                    help="random-k with error feedback needs many (digits: ~200 to catch up)")
     ap.add_argument("--cohort", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--qsgd-scale", type=float, default=0.05,
