@@ -69,6 +69,7 @@ def _history(run_dir):
     return json.loads((run_dir / "history.json").read_text())
 
 
+@pytest.mark.slow
 def test_bytes_on_the_wire_in_the_history(tmp_path):
     _, plain = run_simulation(None, overrides=[*FAST, "run.rounds=1"], output=tmp_path / "p")
     _, rk = run_simulation(None, overrides=[*FAST, "run.rounds=1",
@@ -85,6 +86,7 @@ def test_bytes_on_the_wire_in_the_history(tmp_path):
     assert plain[0]["bytes_down"] == rk[0]["bytes_down"] == q[0]["bytes_down"]
 
 
+@pytest.mark.slow
 def test_residual_in_checkpoint_and_resume_continues_it(tmp_path):
     extra = ["run.rounds=4", "compression.method='randk'", "compression.ratio=0.2",
              "cohort.size=5"]
@@ -103,6 +105,7 @@ def test_residual_in_checkpoint_and_resume_continues_it(tmp_path):
     assert all(torch.equal(a[c][RESIDUAL_KEY], b[c][RESIDUAL_KEY]) for c in a)
 
 
+@pytest.mark.slow
 def test_residual_kept_next_to_scaffold_state(tmp_path):
     run_dir, _ = run_simulation(None, overrides=[*FAST, "run.rounds=2",
                                                  "strategy.name='scaffold'",
@@ -126,6 +129,7 @@ def test_secure_compressed_history_is_reproducible(tmp_path, method):
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in ha)
 
 
+@pytest.mark.slow
 def test_vectorized_and_sequential_agree_with_compression(tmp_path):
     extra = ["run.rounds=2", "compression.method='qsgd'", "compression.bits=4"]
     _, seq = run_simulation(None, overrides=[*FAST, *extra], output=tmp_path / "s")
@@ -256,6 +260,7 @@ def test_bad_compression_input_is_one_line(extra, fragment, capsys, tmp_path):
     assert not (tmp_path / "n").exists()
 
 
+@pytest.mark.slow
 def test_ledger_says_where_compression_sits(tmp_path):
     run_dir, history = run_simulation(None, overrides=[
         *FAST, "run.rounds=1", "privacy.mode='central'", "privacy.noise_multiplier=1.0",
