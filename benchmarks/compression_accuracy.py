@@ -59,6 +59,9 @@ DIGITS = [
     "client.lr=0.1",
 ]
 
+#: the history columns kept in the results file
+HISTORY_KEYS = ("round", "num_clients", "train_loss", "test_accuracy", "test_loss", "bytes_up",
+                "bytes_down")
 #: acceptance (issue 14): points of accuracy lost, and the upload reduction expected
 ACCEPT = {"qsgd-8bit": (0.5, 4.0), "randk-10%-ef": (1.5, 10.0)}
 
@@ -87,7 +90,17 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
             "bytes_up": sum(r["bytes_up"] for r in history),
             "bytes_down": sum(r["bytes_down"] for r in history),
             "bytes_up_per_client": sum(r["bytes_up"] for r in history) / max(1, uploads),
-            "history": history}
+            "history": {k: [r.get(k) for r in history] for k in HISTORY_KEYS}}
+
+
+def dump(summary: dict[str, Any]) -> str:
+    """The results as JSON, each run's history columns on one line."""
+    marks = {f"@history{i}@": json.dumps(r["history"]) for i, r in enumerate(summary["runs"])}
+    runs = [{**r, "history": m} for r, m in zip(summary["runs"], marks, strict=True)]
+    text = json.dumps({**summary, "runs": runs}, indent=1)
+    for mark, columns in marks.items():
+        text = text.replace(json.dumps(mark), columns)
+    return text
 
 
 def main() -> None:
@@ -151,8 +164,7 @@ def main() -> None:
     suffix = "-quick" if args.quick else (f"-{args.tag}" if args.tag else "")
     res_dir = HERE / "results"
     res_dir.mkdir(exist_ok=True)
-    (res_dir / f"compression_accuracy{suffix}.json").write_text(
-        json.dumps(summary, indent=1) + "\n")
+    (res_dir / f"compression_accuracy{suffix}.json").write_text(dump(summary) + "\n")
     lines = [f"# Compression vs uncompressed FedAvg ({summary['dataset']}, {args.rounds} rounds, "
              f"cohort {args.cohort}, seed {args.seed})", "",
              "| aggregation | method | final acc | diff (points) | mean last 3 | up bytes/client "
