@@ -38,6 +38,7 @@ __all__ = [
     "validate_dataclass",
     "check_fedbuff",
     "check_compression_with_secure_aggregation",
+    "check_compression_with_privacy",
 ]
 
 
@@ -386,6 +387,29 @@ def check_compression_with_secure_aggregation(method: str) -> None:
             "use 'randk' or 'qsgd'")
 
 
+def check_compression_with_privacy(*, method: str, error_feedback: bool, mode: str) -> None:
+    """Raise a one-line ConfigError when compression cannot sit between clipping and noise.
+
+    Central DP's noise is calibrated to the clip norm C, so the decoded vector a client sends
+    must stay within C (McMahan et al. 2018, Sec. 3): top-k, sign and error-feedback random-k
+    never grow a norm; QSGD (levels round up) and rescaled random-k (d/k) do. Distributed DP
+    encodes the whole dense update into its own field, so a codec would save no bytes there.
+    """
+    if method == "none":
+        return
+    if mode == "distributed":
+        raise ConfigError(
+            f"compression.method = {method!r} cannot run with privacy.mode = 'distributed': "
+            "its encoding rotates and noises the whole dense vector into Z_2^b, so there is "
+            "nothing a codec could drop; use privacy.mode = 'central' or compression 'none'")
+    if mode == "central" and (method == "qsgd" or (method == "randk" and not error_feedback)):
+        what = "QSGD's rounding" if method == "qsgd" else "random-k's d/k rescaling"
+        raise ConfigError(
+            f"compression.method = {method!r} cannot run with privacy.mode = 'central': "
+            f"{what} can push a clipped update past privacy.clip_norm, so the noise would be "
+            "calibrated too low; use 'randk' with error_feedback = true, 'topk' or 'sign'")
+
+
 def _check_compression_and_clock(config: Config) -> None:
     comp, sim = config.compression, config.simulation
     if not 0 < comp.ratio <= 1:  # also catches inf; NaN is refused when coerced
@@ -393,6 +417,14 @@ def _check_compression_and_clock(config: Config) -> None:
             f"compression.ratio = {comp.ratio!r} is out of range; it must be in (0, 1]")
     if config.secure_aggregation.enabled:
         check_compression_with_secure_aggregation(comp.method)
+        if comp.method == "randk" and comp.ratio < 1 and config.strategy.name == "fedbuff":
+            raise ConfigError(
+                "compression.method = 'randk' cannot run with secure aggregation under "
+                "strategy 'fedbuff': a buffer mixes clients that started in different rounds, "
+                "whose k values stand for different coordinates, so their masked sum means "
+                "nothing; use 'qsgd' or a synchronous strategy")
+    check_compression_with_privacy(method=comp.method, error_feedback=comp.error_feedback,
+                                   mode=config.privacy.mode)
     if sim.concurrency is not None and sim.concurrency > config.data.num_clients:
         raise ConfigError(
             f"simulation.concurrency = {sim.concurrency} is larger than data.num_clients "

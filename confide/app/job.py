@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from confide.client.pipeline import ClientPipeline
+from confide.client.compression import CompressionStage
+from confide.client.pipeline import ClientPipeline, UpdateStage
+from confide.compression import UpdateCodec
 from confide.config import Config
 from confide.models import build_model
 from confide.parameters import get_flat_params
@@ -68,6 +70,41 @@ def build_job(config: Config, *, input_shape: tuple[int, ...], num_classes: int,
     strategy.check_compatible(secure_aggregation=config.secure_aggregation.enabled)
     privacy = build_round_privacy(config, num_clients=num_clients, dataset_size=dataset_size,
                                   dim=int(params.numel()))
+    stages = list(privacy.client_stages())
+    compression = compression_stage(config, privacy=privacy, dim=int(params.numel()))
+    if compression is not None:
+        stages.append(compression)
     return Job(config=config, input_shape=shape, num_classes=int(num_classes),
                model_factory=model_factory, params=params, strategy=strategy,
-               privacy=privacy, pipeline=ClientPipeline(privacy.client_stages()))
+               privacy=privacy, pipeline=ClientPipeline(stages))
+
+
+#: where the compression stage sits, written to the privacy ledger's settings
+COMPRESSION_ORDER = ("after client-level clipping (clip_norm applied to update + residual), "
+                     "before the server's noise and before secure aggregation's encoding")
+
+
+def compression_stage(config: Config, *, privacy: RoundPrivacy, dim: int) -> UpdateStage | None:
+    """``[compression]``'s client stage (``None`` for ``method = "none"``).
+
+    It goes last in the client pipeline: after client-level clipping and DP-SGD, before any
+    secure-aggregation encoding (the aggregator's). Under client-level DP the ledger's
+    settings say so (``compression``, ``compression_order``).
+    """
+    comp = config.compression
+    if comp.method == "none":
+        return None
+    codec = UpdateCodec.from_config(config)
+    clip_norm = None
+    if config.privacy.mode == "central":
+        def clip_norm() -> float | None:  # the round's clip norm (adaptive clipping moves it)
+            return float(privacy.clip_norm)  # type: ignore[attr-defined]
+    ledger = getattr(privacy, "ledger", None)
+    if ledger is not None:
+        ledger.settings["compression"] = (
+            f"{comp.method} (ratio {comp.ratio}, bits {comp.bits}, "
+            f"error_feedback {comp.error_feedback})")
+        ledger.settings["compression_order"] = (
+            "after DP-SGD training (post-processing)" if config.privacy.mode == "dp-sgd"
+            else COMPRESSION_ORDER)
+    return CompressionStage(codec, dim=dim, clip_norm=clip_norm)

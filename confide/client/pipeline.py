@@ -10,7 +10,7 @@ by one with the per-client form, which gives the same result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +21,19 @@ __all__ = ["StageContext", "UpdateStage", "ClientPipeline"]
 
 @dataclass
 class StageContext:
-    """What a stage may read: the round, the client, its seed, and a scratch dict."""
+    """What a stage may read: the round, the client, its seed, and a scratch dict.
+
+    ``state`` is the client's own state from earlier rounds (``ClientTask.client_state``);
+    a stage that keeps per-client state (compression's error-feedback residual) writes the
+    new value into ``new_state``, which is merged into the client's reported state.
+    """
 
     server_round: int
     client_id: int
     seed: int
     info: dict[str, Any] = field(default_factory=dict)
+    state: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    new_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 UpdateStage = Callable[[torch.Tensor, StageContext], torch.Tensor]

@@ -45,8 +45,10 @@ def finish_client_task(task: ClientTask, out: FitOutput, strategy: Strategy,
         num_steps=out.num_steps, lr=task.settings.lr,
         momentum=task.settings.momentum if task.settings.optimizer == "sgd" else 0.0,
     )
-    ctx = StageContext(server_round=task.server_round, client_id=task.client_id, seed=task.seed)
+    ctx = StageContext(server_round=task.server_round, client_id=task.client_id, seed=task.seed,
+                       state=task.client_state)
     update = pipeline(out.update, ctx)
+    new_state = {**new_state, **ctx.new_state}  # a stage's state (compression's residual)
     return ClientResult(
         client_id=task.client_id, update=update.detach().cpu(), num_examples=out.num_examples,
         num_steps=out.num_steps, metrics=out.metrics,
@@ -71,8 +73,12 @@ def finish_cohort(tasks: Sequence[ClientTask], updates: torch.Tensor, *,
         first.instructions, [t.client_state for t in tasks], updates,
         num_steps=list(num_steps), lr=settings.lr, momentum=momentum)
     contexts = [StageContext(server_round=t.server_round, client_id=t.client_id, seed=t.seed,
-                             info=dict(info[i]) if info else {}) for i, t in enumerate(tasks)]
+                             info=dict(info[i]) if info else {}, state=t.client_state)
+                for i, t in enumerate(tasks)]
     processed = pipeline.apply_batch(updates, contexts) if pipeline else updates
+    if contexts and contexts[0].new_state:  # a stage's state (compression's residual)
+        new_state = {**new_state, **{k: torch.stack([c.new_state[k] for c in contexts])
+                                     for k in contexts[0].new_state}}
     return ResultBatch(
         client_ids=[t.client_id for t in tasks], updates=processed.detach(),
         num_examples=column(num_examples, updates.device),

@@ -266,7 +266,11 @@ class Coordinator:
         summed = set(aggregate.client_ids)
         for row, cid in enumerate(batch.client_ids):
             if cid in summed:
-                self.client_states[cid] = {k: v[row] for k, v in batch.new_state.items()}
+                # Merged, so a stage's state (compression's residual) and a strategy's own
+                # (c_i) both survive; cloned, so a row does not keep the whole batch alive.
+                self.client_states[cid] = {**self.client_states.get(cid, {}),
+                                           **{k: v[row].clone()
+                                              for k, v in batch.new_state.items()}}
 
     def _require_quorum(self, reported: int, rnd: int, sampled: int) -> None:
         need = self.config.cohort.min_clients
@@ -305,6 +309,7 @@ class Coordinator:
             "epsilon": epsilon,
             "virtual_time_s": (None if self.latency is None
                                else round(self.virtual_time, 6)),
+            **self._wire_bytes(rnd, num_sampled, batch),
             "retries": len(self._retry_reasons),
             "retry_reasons": " | ".join(self._retry_reasons),
         }
@@ -317,6 +322,24 @@ class Coordinator:
             record["test_loss"] = metrics["loss"]
         self.history.append(record)
         return record
+
+    def _wire_bytes(self, rnd: int, num_sampled: int, batch: ResultBatch) -> dict[str, int]:
+        """``bytes_up`` / ``bytes_down`` of the round, summed over its clients.
+
+        Down: the float32 global weights to every sampled client. Up: each reporting client's
+        payload (``info["bytes_up"]``, set by the compression stage; else its float32 update
+        and aux vectors); under secure aggregation the protocol's own messages both ways
+        (``RoundReport.bytes_sent`` / ``bytes_received``), which carry the masked words.
+        """
+        down = 4 * int(self.params.numel()) * num_sampled
+        report = getattr(self.aggregator, "last_report", None)
+        if report is not None and getattr(report, "server_round", None) == rnd and \
+                report.bytes_sent:
+            return {"bytes_up": int(sum(report.bytes_sent.values())),
+                    "bytes_down": down + int(sum(report.bytes_received.values()))}
+        aux = 4 * sum(int(v.shape[1]) for v in batch.aux.values())
+        up = sum(int(info.get("bytes_up", 4 * batch.dim)) + aux for info in batch.info)
+        return {"bytes_up": up, "bytes_down": down}
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly."""

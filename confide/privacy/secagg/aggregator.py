@@ -23,16 +23,18 @@ simulations stay honest. It warns loudly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from confide.compression import UpdateCodec, check_field
 from confide.config import Config
 from confide.exceptions import ConfigError, PrivacyError, RoundFailedError
 from confide.privacy.secagg.graph import graph_parameters
@@ -45,7 +47,7 @@ from confide.privacy.secagg.protocol import (
     SecAggClient,
     SecAggServer,
 )
-from confide.privacy.secagg.quantisation import Quantiser, check_capacity
+from confide.privacy.secagg.quantisation import Quantiser, centred_lift, check_capacity
 from confide.privacy.secagg.transport import InProcessMessagePath, run_secure_aggregation
 from confide.round import Aggregate, Aggregator, ClientResult, ResultBatch
 from confide.seeding import derive_rng
@@ -125,6 +127,20 @@ class SecureAggregator(Aggregator):
         if expected < 3:
             raise ConfigError(f"secure aggregation needs cohorts of at least 3 clients; "
                               f"cohort.size gives {expected}")
+        # Compression (confide.compression): random-k runs over the k shared coordinates;
+        # QSGD's integer codes are summed in the field itself (integer inputs).
+        self.codec = (UpdateCodec.from_config(config)
+                      if config.compression.method != "none" else None)
+        if self.codec is not None and type(self).message_path is not \
+                SecureAggregator.message_path:
+            # A transport subclass (the Grid's) masks what the deployed clients' own SecAgg
+            # stage built: the dense update, not the k values or field codes used here.
+            raise ConfigError("compression with secure aggregation runs in simulation only: "
+                              "the deployed clients' SecAgg stage masks the dense update; "
+                              "set compression.method = 'none' for a deployment")
+        if self.codec is not None and self.codec.method == "qsgd":
+            self.input_mode = INPUT_INTEGERS
+            self._check_qsgd_field(expected)
         if self.input_mode == INPUT_FLOATS:
             check_capacity(cohort_size=expected, bits=sa.bits, max_weight=sa.max_weight)
         graph_parameters(expected, dropout_rate=self._dropout_rate(),
@@ -177,6 +193,7 @@ class SecureAggregator(Aggregator):
         else:  # a deployment's replies, one ClientResult per client
             results = batch
         results = sorted(results, key=lambda r: r.client_id)
+        results, expand = self._compressed_inputs(results, server_round, weighting)
         n = len(results)
         degree, threshold = self.graph_for(n)
         first = results[0].update
@@ -236,7 +253,8 @@ class SecureAggregator(Aggregator):
         log.info("secure aggregation, round %d: %d of %d clients summed (degree %d, threshold "
                  "%d, %d bits)%s", server_round, len(report.included), n, degree, threshold, bits,
                  " WITHOUT MASKS (insecure)" if report.insecure else "")
-        return self._decode(words, report.included, first, dim, aux_names, quantiser).to(device)
+        return expand(self._decode(words, report.included, first, dim, aux_names,
+                                   quantiser)).to(device)
 
     def message_path(self, clients: dict[int, SecAggClient],
                      contributions: dict[int, Contribution], drop_after: dict[int, str],
@@ -326,3 +344,95 @@ class SecureAggregator(Aggregator):
             aux_sum={k: torch.from_numpy(v).reshape(shape).to(first.dtype)
                      for k, v in zip(aux_names, aux_sums, strict=True)},
             client_ids=list(included))
+
+    # ------------------------------------------------------------------ compression
+    def _qsgd_weight_bound(self) -> int:
+        """The largest integer weight a QSGD client multiplies its codes by."""
+        return self.settings.max_weight
+
+    def _check_qsgd_field(self, n: int) -> None:
+        """QSGD's weighted codes ``w_i * c_i`` (``|c_i| <= s``, ``w_i <= max_weight``) of ``n``
+        clients must sum without wrapping Z_2^b; a one-line ConfigError names the bits needed.
+        """
+        if self.codec is None:
+            return
+        if self.settings.bits > 53:  # the decoded words pass through float64
+            raise ConfigError(f"secure_aggregation.bits = {self.settings.bits}: QSGD under "
+                              "secure aggregation sums at most 53-bit words; lower it")
+        try:
+            check_field(levels=self.codec.levels * self._qsgd_weight_bound(), num_clients=n,
+                        field_bits=self.settings.bits)
+        except ConfigError:
+            raise ConfigError(
+                f"secure_aggregation.bits = {self.settings.bits} is too small for QSGD under "
+                f"secure aggregation: {n} clients' codes (up to {self.codec.levels} levels) "
+                f"times their weights (up to {self._qsgd_weight_bound()}) could wrap around "
+                f"Z_2^{self.settings.bits}; raise secure_aggregation.bits, or lower "
+                "compression.bits or secure_aggregation.max_weight") from None
+
+    def _compressed_inputs(self, results: Sequence[ClientResult], server_round: int,
+                           weighting: str) -> tuple[list[ClientResult],
+                                                    Callable[[Aggregate], Aggregate]]:
+        """The protocol's inputs under compression, and how to read the decoded aggregate.
+
+        ``randk``: every client kept the same coordinates (the round's shared seed), so only
+        those k values enter the protocol, the masks cancel on that common support, and the
+        decoded sum is densified (zeros elsewhere, exactly what the clients' sum is there).
+        ``qsgd``: each row is a decoded payload ``c_i * scale / s``; its integer codes ``c_i``
+        are recovered exactly (``|c_i| <= 2^15``, float32 relative error 2^-24), weighted by
+        the client's integer weight, and summed in Z_2^b with the weight as one more
+        coordinate; the centred lift of the sum is exact under :meth:`_check_qsgd_field`.
+        """
+        codec = self.codec
+        rows = list(results)
+        if codec is None or not rows:
+            return rows, lambda a: a
+        full = int(rows[0].update.numel())
+        cdim = int(rows[0].info.get("compression_dim", full))
+        if codec.method == "randk":
+            chosen = sorted({int(r.info.get("compression_round", server_round)) for r in rows})
+            supports = [codec.shared_indices(cdim, server_round=c) for c in chosen]
+            if any(not torch.equal(supports[0], other) for other in supports[1:]):
+                # e.g. a FedBuff buffer of clients that started in different rounds
+                raise RoundFailedError(
+                    f"round {server_round}: random-k payloads from rounds {chosen} keep "
+                    "different coordinates; secure aggregation needs one shared support")
+            idx = supports[0]
+            kept = [dataclasses.replace(r, update=torch.cat(
+                [r.update.reshape(-1)[idx], r.update.reshape(-1)[cdim:]])) for r in rows]
+
+            def densify(a: Aggregate) -> Aggregate:
+                short = a.update_sum.reshape(-1)
+                dense = torch.zeros(full, dtype=short.dtype)
+                dense[idx] = short[: idx.numel()]
+                dense[cdim:] = short[idx.numel():]
+                return dataclasses.replace(a, update_sum=dense)
+
+            return kept, densify
+        # qsgd (topk and sign are refused in config: their payloads do not add up)
+        if cdim != full or rows[0].aux:
+            raise ConfigError("QSGD under secure aggregation sums integer codes only; "
+                              "auxiliary vectors or extra coordinates (adaptive clipping, "
+                              "SCAFFOLD) cannot join that sum; choose compression 'randk'")
+        self._check_qsgd_field(len(rows))
+        scale, s, bits = float(codec.scale or 0.0), codec.levels, self.settings.bits
+        encoded = []
+        for r in rows:
+            codes = torch.round(r.update.reshape(-1).double() * (s / scale)).to(torch.int64)
+            if bool((codes.abs() > s).any()):
+                raise PrivacyError(f"client {r.client_id}'s update is not a QSGD payload of "
+                                   f"{s} levels at scale {scale}")
+            w = min(int(r.num_examples), self._qsgd_weight_bound()) \
+                if weighting == "examples" else 1
+            encoded.append(dataclasses.replace(
+                r, update=torch.cat([codes * w, torch.tensor([w])]),
+                info={**r.info, ENCODED_INFO_KEY: bits}))
+
+        def dequantise(a: Aggregate) -> Aggregate:
+            raw = a.update_sum.to(torch.int64).numpy()  # the modular sum, words < 2^b
+            signed = torch.from_numpy(centred_lift(raw, bits))
+            update_sum = signed[:-1].to(torch.float64) * (scale / s)
+            return dataclasses.replace(a, update_sum=update_sum.to(torch.float32),
+                                       weight_sum=float(signed[-1]))
+
+        return encoded, dequantise
