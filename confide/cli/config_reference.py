@@ -25,6 +25,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
 
 
@@ -37,6 +39,9 @@ def _accepts(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         words = " or ".join(_accepts(a) for a in args)
         return words + (", or unset" if len(args) < len(typing.get_args(tp)) else "")
+    if origin is tuple:
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        return "a list of " + _accepts(item).replace("one of", "any of")
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 

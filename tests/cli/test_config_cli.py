@@ -43,6 +43,8 @@ def _toml(value):
         return str(value).lower()
     if isinstance(value, str):
         return f'"{value}"'
+    if isinstance(value, tuple | list):  # a TOML array
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return repr(value)
 
 
