@@ -40,6 +40,7 @@ from confide.privacy.secagg.primitives import mask_dtype
 from confide.privacy.secagg.protocol import (
     INPUT_FLOATS,
     INPUT_INTEGERS,
+    MIN_CLIENTS,
     STAGES,
     Contribution,
     SecAggClient,
@@ -118,17 +119,18 @@ class SecureAggregator(Aggregator):
         if sa.neighbours is not None and sa.threshold is not None and sa.threshold > sa.neighbours:
             raise ConfigError(f"secure_aggregation.threshold = {sa.threshold} exceeds "
                               f"secure_aggregation.neighbours = {sa.neighbours}")
-        if sa.threshold is not None and sa.threshold > expected - 1:
+        if sa.threshold is not None and sa.threshold > expected:
             raise ConfigError(f"secure_aggregation.threshold = {sa.threshold} exceeds the "
-                              f"{expected - 1} neighbours a client has in a cohort of "
-                              f"{expected}; lower it or raise cohort.size")
-        if expected < 3:
-            raise ConfigError(f"secure aggregation needs cohorts of at least 3 clients; "
-                              f"cohort.size gives {expected}")
+                              f"{expected} clients of a cohort (t counts the survivors that "
+                              "unmask, each client included); lower it or raise cohort.size")
+        if expected < MIN_CLIENTS:
+            raise ConfigError(f"secure aggregation needs cohorts of at least {MIN_CLIENTS} "
+                              f"clients; cohort.size gives {expected}")
         if self.input_mode == INPUT_FLOATS:
             check_capacity(cohort_size=expected, bits=sa.bits, max_weight=sa.max_weight)
-        graph_parameters(expected, dropout_rate=self._dropout_rate(),
-                         corrupt_rate=sa.corruption_tolerance)  # fails early on impossible rates
+        if expected >= 3:  # fails early on impossible rates
+            graph_parameters(expected, dropout_rate=self._dropout_rate(),
+                             corrupt_rate=sa.corruption_tolerance)
         self._capped_warned = False
         self.last_report: RoundReport | None = None
         if sa.skip_pairwise_masks:
@@ -145,21 +147,33 @@ class SecureAggregator(Aggregator):
         return max(self.settings.dropout_tolerance, injected)
 
     def graph_for(self, n: int) -> tuple[int, int]:
-        """``(degree, threshold)`` for a cohort of ``n`` (explicit settings win)."""
+        """``(degree, threshold)`` for ``n`` live clients (explicit settings win).
+
+        ``t`` counts the survivors whose shares unmask a client, the client itself included
+        (:mod:`~confide.privacy.secagg.protocol`), so ``t <= degree + 1``. The protocol runs
+        with ``MIN_CLIENTS = 2`` live clients (why: ``protocol.MIN_CLIENTS``); at ``n = 2``
+        the graph is one edge and ``t = 2``: both must survive.
+        """
         sa = self.settings
-        if n < 3:
-            raise RoundFailedError(f"secure aggregation needs at least 3 clients, {n} reported")
-        k, t = graph_parameters(n, dropout_rate=self._dropout_rate(),
-                                corrupt_rate=sa.corruption_tolerance)
+        if n < MIN_CLIENTS:
+            raise RoundFailedError(f"secure aggregation needs at least {MIN_CLIENTS} live "
+                                   f"clients, {n} reported")
+        if n >= 3:
+            k, t = graph_parameters(n, dropout_rate=self._dropout_rate(),
+                                    corrupt_rate=sa.corruption_tolerance)
+        else:
+            k, t = 1, 2
         if sa.neighbours is not None:
             k = min(sa.neighbours, n - 1)
             t = min(max(2, math.ceil(2 * k / 3)), k)
         if sa.threshold is not None:
             t = sa.threshold
         degree = min(k + k % 2, n - 1)  # Harary graphs are built with even degree
-        if t > degree:
+        if t > degree + 1:
             raise RoundFailedError(f"secure_aggregation.threshold = {t} exceeds the "
-                                   f"{degree} neighbours a client has among {n} clients")
+                                   f"{degree + 1} holders of each client's shares (its "
+                                   f"{degree} neighbours and itself) among {n} live clients; "
+                                   "the round cannot release a sum")
         return degree, t
 
     # ------------------------------------------------------------------ the round
