@@ -103,6 +103,9 @@ class CohortConfig:
     size: int | float = 1.0
     min_clients: int = _c(1, ge=1)
     sampling: Literal["fixed", "poisson"] = "fixed"
+    #: deployment: seconds a round waits for training replies before the missing clients
+    #: count as dropped (None: ``confide server start --round-timeout``)
+    train_timeout_s: float | None = _c(None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,9 @@ class SecureAggregationConfig:
     dropout_tolerance: float = _c(0.1, ge=0, lt=0.9)
     #: fraction of a cohort that may collude with the coordinator (sets the threshold)
     corruption_tolerance: float = _c(0.05, ge=0, lt=0.9)
+    #: deployment: seconds the coordinator waits for one protocol stage's replies; clients
+    #: still silent then have dropped out at that stage (no heartbeat expiry is awaited)
+    stage_timeout_s: float = _c(20.0, gt=0)
 
 
 @dataclass(frozen=True)

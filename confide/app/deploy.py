@@ -572,7 +572,8 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
 
             executor = GridExecutor(grid=grid, nodes=directory, job=job,
                                     aux_names=strategy.aux_names,
-                                    round_timeout=options.round_timeout_s,
+                                    round_timeout=(config.cohort.train_timeout_s
+                                                   or options.round_timeout_s),
                                     poll_interval=options.poll_interval_s,
                                     max_poll_interval=options.max_poll_interval_s,
                                     vectors_in_replies=not config.secure_aggregation.enabled)

@@ -40,13 +40,16 @@ from confide.privacy.secagg.primitives import mask_dtype
 from confide.privacy.secagg.protocol import (
     INPUT_FLOATS,
     INPUT_INTEGERS,
+    META_FIELDS,
     MIN_CLIENTS,
     STAGES,
     Contribution,
     SecAggClient,
     SecAggServer,
+    encode_meta,
+    meta_scale,
 )
-from confide.privacy.secagg.quantisation import Quantiser, check_capacity
+from confide.privacy.secagg.quantisation import Quantiser, centred_lift, check_capacity
 from confide.privacy.secagg.transport import InProcessMessagePath, run_secure_aggregation
 from confide.round import Aggregate, Aggregator, ClientResult, ResultBatch
 from confide.seeding import derive_rng
@@ -87,6 +90,9 @@ class RoundReport:
     client_seconds: dict[int, float] = field(default_factory=dict)
     coordinator_seconds: float = 0.0
     insecure: bool = False
+    #: the cohort's metadata, known only as sums: num_examples, num_steps, train_loss (the
+    #: example-weighted mean over the summed clients)
+    metadata: dict[str, float] = field(default_factory=dict)
 
 
 class _TimedPath(InProcessMessagePath):
@@ -109,6 +115,9 @@ class SecureAggregator(Aggregator):
     """SecAgg+ over the round's reporting clients (Bonawitz et al. 2017; Bell et al. 2020)."""
 
     dropout_stages = ("training", *PROTOCOL_DROPOUT_STAGES)
+    #: rewrite the batch's counts and loss from the secure sums (a deployment, whose replies
+    #: carry none of them in the clear); in simulation the batch keeps its own columns
+    metadata_from_sum = False
 
     def __init__(self, config: Config) -> None:
         sa = config.secure_aggregation
@@ -205,12 +214,12 @@ class SecureAggregator(Aggregator):
             if aux_names:
                 raise PrivacyError("distributed DP does not privatise auxiliary vectors "
                                    f"({', '.join(aux_names)}); choose a strategy without them")
-            vector_length = dim + 1
+            vector_length = dim + 1 + len(META_FIELDS)
             quantiser = None
         else:
             quantiser = Quantiser(bits=bits, clipping_range=self.settings.clipping_range,
                                   max_weight=self.settings.max_weight, cohort_size=n)
-            vector_length = quantiser.vector_length(dim, len(aux_names))
+            vector_length = quantiser.vector_length(dim, len(aux_names)) + len(META_FIELDS)
         drop_after = self._protocol_dropouts([r.client_id for r in results], server_round)
         report = RoundReport(server_round=server_round, cohort=[r.client_id for r in results],
                              degree=degree, threshold=threshold, bits=bits,
@@ -248,7 +257,12 @@ class SecureAggregator(Aggregator):
         log.info("secure aggregation, round %d: %d of %d clients summed (degree %d, threshold "
                  "%d, %d bits)%s", server_round, len(report.included), n, degree, threshold, bits,
                  " WITHOUT MASKS (insecure)" if report.insecure else "")
-        return self._decode(words, report.included, first, dim, aux_names, quantiser)
+        meta_words = words[-len(META_FIELDS):]
+        report.metadata = self._decode_meta(meta_words, n)
+        if self.metadata_from_sum and isinstance(batch, ResultBatch):
+            self._publish_metadata(batch, report)
+        return self._decode(words[:-len(META_FIELDS)], report.included, first, dim,
+                            aux_names, quantiser)
 
     def message_path(self, clients: dict[int, SecAggClient],
                      contributions: dict[int, Contribution], drop_after: dict[int, str],
@@ -270,7 +284,7 @@ class SecureAggregator(Aggregator):
                     f"client {r.client_id}'s update was not encoded for a {self.settings.bits}"
                     f"-bit secure sum (privacy.mode = 'distributed' encodes it; got {bits!r})")
             return Contribution(update=r.update.detach().cpu().numpy().astype(np.int64),
-                                weight=1)
+                                weight=1, meta=self._meta(r))
         weight = float(r.num_examples) if weighting == "examples" else 1.0
         w = int(round(weight))
         if w != weight or w < 0:
@@ -285,7 +299,41 @@ class SecureAggregator(Aggregator):
             w = self.settings.max_weight
         return Contribution(update=r.update.detach().cpu().double().numpy(), weight=w,
                             aux=tuple(r.aux[k].detach().cpu().double().numpy()
-                                      for k in aux_names))
+                                      for k in aux_names), meta=self._meta(r))
+
+    @staticmethod
+    def _meta(r: ClientResult) -> tuple[float, ...]:
+        """What the coordinator may learn of this client only inside the sum."""
+        return (float(r.num_examples), float(r.num_steps),
+                float(r.metrics.get("train_loss", 0.0)))
+
+    def _levels(self, n: int) -> int:
+        return (2 ** (self.settings.bits - 1) - 1) // n
+
+    def _decode_meta(self, words: np.ndarray, n: int) -> dict[str, float]:
+        """The metadata sums: total examples and steps, the example-weighted mean loss."""
+        signed = centred_lift(words, self.settings.bits)
+        examples, steps, lossx = (float(v) for v in signed)
+        scale = meta_scale(self._levels(n), self.settings.max_weight)
+        return {"num_examples": examples, "num_steps": steps,
+                "train_loss": lossx / scale / examples if examples > 0 else 0.0}
+
+    @staticmethod
+    def _publish_metadata(batch: ResultBatch, report: RoundReport) -> None:
+        """Give every summed row the cohort's mean count and the cohort's mean loss.
+
+        The coordinator's record (example-weighted mean loss) then holds exactly the secure
+        aggregate, and no row holds any one client's value.
+        """
+        summed = set(report.included)
+        mask = torch.tensor([c in summed for c in batch.client_ids], dtype=torch.bool,
+                            device=batch.num_examples.device)
+        count = max(1, len(summed))
+        meta = report.metadata
+        zero = torch.zeros_like(batch.num_examples)
+        batch.num_examples = torch.where(mask, zero + meta["num_examples"] / count, zero)
+        batch.num_steps = torch.where(mask, zero + meta["num_steps"] / count, zero)
+        batch.metrics = {"train_loss": torch.where(mask, zero + meta["train_loss"], zero)}
 
     def _protocol_dropouts(self, cohort: list[int], server_round: int) -> dict[int, str]:
         sim = self.config.simulation
@@ -307,12 +355,17 @@ class SecureAggregator(Aggregator):
             if stage is not None and STAGES.index(stage) < STAGES.index("masked_input"):
                 report.dropped[cid] = f"{stage}: left after this stage"
                 continue
+            def meta(cid: int = cid, c: Contribution = c) -> np.ndarray:  # after the update
+                return encode_meta(c.meta, levels=self._levels(len(contributions)),
+                                   max_weight=self.settings.max_weight, rng=rngs[cid])
             if quantiser is None:
                 words = np.empty(report.vector_length, dtype=acc.dtype)
-                words[:-1] = np.mod(c.update, 1 << bits)
-                words[-1] = c.weight
+                words[:c.update.size] = np.mod(c.update, 1 << bits)
+                words[c.update.size] = c.weight
+                words[c.update.size + 1:] = meta()
             else:
-                words = quantiser.encode(c.update, c.weight, list(c.aux), rngs[cid])
+                update = quantiser.encode(c.update, c.weight, list(c.aux), rngs[cid])
+                words = np.concatenate([update, quantiser.embed(meta())])
             np.add(acc, words, out=acc)
             report.included.append(cid)
         if len(report.included) < report.threshold:

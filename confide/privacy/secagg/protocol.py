@@ -59,7 +59,7 @@ import numpy as np
 from confide.exceptions import ConfigError, ProtocolError, RoundFailedError
 from confide.privacy.secagg import primitives as crypto
 from confide.privacy.secagg.graph import harary_graph
-from confide.privacy.secagg.quantisation import Quantiser, check_capacity
+from confide.privacy.secagg.quantisation import Quantiser, check_capacity, stochastic_round
 from confide.privacy.secagg.wire import (
     SEALED_SHARE_BYTES,
     SERVER_ID,
@@ -80,6 +80,9 @@ from confide.privacy.secagg.wire import (
 
 __all__ = [
     "STAGES",
+    "META_FIELDS",
+    "encode_meta",
+    "meta_scale",
     "INPUT_FLOATS",
     "INPUT_INTEGERS",
     "Contribution",
@@ -131,6 +134,39 @@ class Contribution:
     update: np.ndarray
     weight: int = 1
     aux: tuple[np.ndarray, ...] = ()
+    #: the round's metadata, summed inside the masked vector so the coordinator learns only
+    #: sums: ``(examples, steps, train_loss)`` (:data:`META_FIELDS`); empty: none
+    meta: tuple[float, ...] = ()
+
+
+#: metadata words after the weight: example count and step count (exact, capped) and the
+#: example-weighted training loss (fixed point, clipped to [0, LOSS_CAP])
+META_FIELDS = ("num_examples", "num_steps", "loss_x_examples")
+#: training losses are clipped to this before they enter the sum
+LOSS_CAP = 64.0
+
+
+def meta_scale(levels: int, max_weight: int) -> float:
+    """Integer units per unit of ``loss * examples`` (the sum of n stays below 2^(b-1))."""
+    return levels / (LOSS_CAP * max_weight)
+
+
+def encode_meta(meta: Sequence[float], *, levels: int, max_weight: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """``(examples, steps, loss)`` as :data:`META_FIELDS` integers in ``[0, levels]``.
+
+    Each entry of a client is at most Q = ``levels``, so the sum of the cohort cannot wrap
+    (the quantiser's bound, :mod:`~confide.privacy.secagg.quantisation`).
+    """
+    if len(meta) != len(META_FIELDS):
+        raise ProtocolError(f"metadata has {len(meta)} entries, expected {len(META_FIELDS)}")
+    examples = int(min(max(meta[0], 0), max_weight, levels))
+    steps = int(min(max(meta[1], 0), levels))
+    loss = float(meta[2]) if math.isfinite(meta[2]) else 0.0
+    scaled = np.array([min(max(loss, 0.0), LOSS_CAP) * examples
+                       * meta_scale(levels, max_weight)])
+    lossx = int(min(stochastic_round(scaled, rng)[0], levels))
+    return np.array([examples, steps, lossx], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- client
@@ -337,19 +373,36 @@ class SecAggClient:
                     not np.array_equal(values, np.floor(values))):
                 raise ProtocolError(f"client {self.client_id}: an encoded input must be integer")
             ints = np.mod(values.astype(np.int64), 1 << setup.bits)
+            meta = self._meta(contribution, setup, levels=(2 ** (setup.bits - 1) - 1)
+                              // setup.cohort_size)
+            if values.size + 1 + meta.size != setup.vector_length:
+                raise ProtocolError(f"client {self.client_id}: an encoded input has "
+                                    f"{values.size} entries, expected "
+                                    f"{setup.vector_length - 1 - meta.size}")
             out = np.empty(setup.vector_length, dtype=dtype)
-            out[:-1] = ints
-            out[-1] = contribution.weight
+            out[:values.size] = ints
+            out[values.size] = contribution.weight
+            out[values.size + 1:] = meta
             return out
         quantiser = Quantiser(bits=setup.bits, clipping_range=setup.clipping_range,
                               max_weight=setup.max_weight, cohort_size=setup.cohort_size)
         words = quantiser.encode(np.asarray(contribution.update), contribution.weight,
                                  [np.asarray(a) for a in contribution.aux], self.rng)
+        meta = self._meta(contribution, setup, levels=quantiser.levels)
+        if meta.size:
+            words = np.concatenate([words, quantiser.embed(meta)])
         if words.shape[0] != setup.vector_length:
             raise ProtocolError(f"client {self.client_id}: its contribution has "
                                 f"{words.shape[0]} entries, the round expects "
                                 f"{setup.vector_length}")
         return words
+
+    def _meta(self, contribution: Contribution, setup: SetupBody, *,
+              levels: int) -> np.ndarray:
+        if not contribution.meta:
+            return np.zeros(0, dtype=np.int64)
+        return encode_meta(contribution.meta, levels=levels, max_weight=setup.max_weight,
+                           rng=self.rng)
 
     # -- stage 4
     def unmask(self, message: bytes) -> bytes:
