@@ -56,6 +56,7 @@ from confide.exceptions import (
     RoundFailedError,
 )
 from confide.server.ca import Federation, load_federation
+from confide.server.checkpoint import check_resumable
 from confide.server.enrolment import ClientRecord, EnrolmentAuthority
 from confide.server.flower_app import GridExecutor, NodeDirectory, build_server_app
 from confide.server.gateway import Gateway
@@ -102,6 +103,8 @@ class DeployOptions:
     max_poll_interval_s: float = 0.1
     test_data: Path | None = None
     superlink_start_timeout_s: float = 60.0
+    #: continue this run folder from its checkpoint and ledger (``server start --resume``)
+    resume: Path | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -453,10 +456,35 @@ def _evaluation_data(config: Config, test_data: Path | None) -> _Evaluation:
                        data.input_shape, data.num_classes, len(data.y_train))
 
 
+def _job_config(config_path: str | Path | None, overrides: list[str], resume: Path | None
+                ) -> tuple[Config, dict[str, Any] | None]:
+    """The job's config and, on resume, the checkpoint to continue from (None: none yet).
+
+    A resumed run keeps its saved config (only ``run.rounds`` may change; a job file given
+    too must match it). Without a checkpoint (the coordinator died in round 1) the run
+    starts over in its folder; the ledger keeps whatever was already spent.
+    """
+    from confide.server.checkpoint import CHECKPOINT_NAME, load_checkpoint, resume_config
+
+    if resume is None:
+        if config_path is None:
+            raise ConfigError("give the job with --config FILE (or --resume RUN_DIR)")
+        return load_config(config_path, overrides), None
+    given = load_config(config_path, overrides) if config_path is not None else None
+    config = resume_config(resume, overrides, given=given)
+    if not (resume / CHECKPOINT_NAME).is_file():
+        log.warning("%s has no checkpoint yet; its job starts again from round 1", resume)
+        return config, None
+    return config, load_checkpoint(resume)
+
+
 def _prepare_run_dir(options: DeployOptions, config: Config) -> Path:
     from confide.app.simulate import new_run_dir
     from confide.server.history import atomic_write_text
 
+    if options.resume is not None:  # a raised run.rounds is the only change; record it
+        atomic_write_text(options.resume / "config.toml", dump_config(config))
+        return options.resume
     run_dir = options.output if options.output is not None else new_run_dir(config)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise CheckpointError(f"output folder {str(run_dir)!r} already holds files; choose "
@@ -484,7 +512,7 @@ def _terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
+def run_deployment(*, ca_dir: str | Path, config_path: str | Path | None,
                    overrides: list[str] | None = None, options: DeployOptions = DeployOptions(),
                    on_start: Callable[[str], None] | None = None,
                    on_round_end: Callable[[dict[str, Any]], None] | None = None
@@ -498,7 +526,7 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
 
     # Everything a user can get wrong is checked before anything starts or is written.
     federation = load_federation(ca_dir)
-    config = load_config(config_path, overrides or [])
+    config, state = _job_config(config_path, overrides or [], options.resume)
     check_deployable(config)
     evaluation = _evaluation_data(config, options.test_data)
     authority = EnrolmentAuthority(federation)
@@ -509,6 +537,9 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
     model_factory, strategy, privacy = built.model_factory, built.strategy, built.privacy
     model = model_factory()
     params = built.params
+    if state is not None and options.resume is not None:
+        check_resumable(state, run_dir=options.resume, num_params=params.numel(),
+                        rounds=config.run.rounds)
     if config.privacy.mode == "central":
         from confide.privacy.central import CentralDP
 
@@ -532,7 +563,7 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
     _check_population(authority, n)
     authority.refresh_crl()
 
-    run_dir = _prepare_run_dir(options, config)
+    run_dir = _prepare_run_dir(options, config)  # on resume: the run folder, config updated
     state_dir = Path(tempfile.mkdtemp(prefix="confide-link-"))
     link = SuperLinkProcess(federation=federation, state_dir=state_dir,
                             log_path=run_dir / "superlink.log",
@@ -585,6 +616,9 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
                     config=config, strategy=strategy, executor=executor, aggregator=aggregator,
                     privacy=privacy, params=params, num_clients=n, client_sizes=[0] * n,
                     evaluator=evaluator, run_dir=run_dir, on_round_end=on_round_end)
+                if state is not None:  # the ledger is reconciled with the file in run()
+                    coordinator.restore(state)
+                    log.info("resuming %s after round %d", run_dir, coordinator.completed_rounds)
                 history.extend(coordinator.run())
                 set_flat_params(model, coordinator.params)
                 tmp = run_dir / ".model.pt.tmp"

@@ -366,9 +366,8 @@ class SecAggClient:
         dtype = crypto.mask_dtype(setup.bits)
         if setup.input_mode == INPUT_INTEGERS:
             values = np.asarray(contribution.update)
-            if values.shape != (setup.vector_length - 1,):
-                raise ProtocolError(f"client {self.client_id}: an encoded input has "
-                                    f"{values.size} entries, expected {setup.vector_length - 1}")
+            if values.ndim != 1:
+                raise ProtocolError(f"client {self.client_id}: an encoded input must be flat")
             if (not np.issubdtype(values.dtype, np.integer) and
                     not np.array_equal(values, np.floor(values))):
                 raise ProtocolError(f"client {self.client_id}: an encoded input must be integer")
