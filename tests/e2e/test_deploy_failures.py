@@ -41,7 +41,7 @@ epochs = 1
 device = "cpu"
 [cohort]
 min_clients = 2
-train_timeout_s = 15
+train_timeout_s = 60
 [privacy]
 mode = "central"
 noise_multiplier = 0.0005
@@ -49,7 +49,7 @@ clip_norm = 5.0
 [secure_aggregation]
 enabled = true
 threshold = 2
-stage_timeout_s = 4
+stage_timeout_s = 10
 """
 
 
