@@ -226,6 +226,10 @@ def server_start(
     from confide.app.deploy import DeployOptions, run_deployment
 
     _logging(quiet)
+    if resume is not None and output is not None:
+        from confide.exceptions import ConfigError
+
+        raise ConfigError("--resume continues the run in its own folder; drop --output")
     options = DeployOptions(host=host, port=port, output=output, insecure=insecure,
                             wait_for_clients_s=wait, round_timeout_s=round_timeout,
                             test_data=test_data, poll_interval_s=poll_interval,
