@@ -132,7 +132,7 @@ STAGES = ["advertise_keys", "share_keys", "masked_input", "unmask"]
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_client_killed_at_each_secagg_stage_leaves_two_that_finish(tmp_path, capsys, stage):
-    rounds = 4
+    rounds = 4 if stage == "share_keys" else 3  # the restarted client needs a round more
     job = Job(tmp_path, capsys, rounds)
     with processes(tmp_path) as procs:
         server = job.start_server(procs)
