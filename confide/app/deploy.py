@@ -47,7 +47,7 @@ import httpx
 import torch
 
 from confide.client.messages import JobSpec
-from confide.config import Config, dump_config, load_config
+from confide.config import Config, dump_config
 from confide.exceptions import (
     CheckpointError,
     ConfideError,
@@ -56,7 +56,7 @@ from confide.exceptions import (
     RoundFailedError,
 )
 from confide.server.ca import Federation, load_federation
-from confide.server.checkpoint import check_resumable
+from confide.server.checkpoint import check_resumable, resume_job
 from confide.server.enrolment import ClientRecord, EnrolmentAuthority
 from confide.server.flower_app import GridExecutor, NodeDirectory, build_server_app
 from confide.server.gateway import Gateway
@@ -456,28 +456,6 @@ def _evaluation_data(config: Config, test_data: Path | None) -> _Evaluation:
                        data.input_shape, data.num_classes, len(data.y_train))
 
 
-def _job_config(config_path: str | Path | None, overrides: list[str], resume: Path | None
-                ) -> tuple[Config, dict[str, Any] | None]:
-    """The job's config and, on resume, the checkpoint to continue from (None: none yet).
-
-    A resumed run keeps its saved config (only ``run.rounds`` may change; a job file given
-    too must match it). Without a checkpoint (the coordinator died in round 1) the run
-    starts over in its folder; the ledger keeps whatever was already spent.
-    """
-    from confide.server.checkpoint import CHECKPOINT_NAME, load_checkpoint, resume_config
-
-    if resume is None:
-        if config_path is None:
-            raise ConfigError("give the job with --config FILE (or --resume RUN_DIR)")
-        return load_config(config_path, overrides), None
-    given = load_config(config_path, overrides) if config_path is not None else None
-    config = resume_config(resume, overrides, given=given)
-    if not (resume / CHECKPOINT_NAME).is_file():
-        log.warning("%s has no checkpoint yet; its job starts again from round 1", resume)
-        return config, None
-    return config, load_checkpoint(resume)
-
-
 def _prepare_run_dir(options: DeployOptions, config: Config) -> Path:
     from confide.app.simulate import new_run_dir
     from confide.server.history import atomic_write_text
@@ -526,7 +504,7 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path | None,
 
     # Everything a user can get wrong is checked before anything starts or is written.
     federation = load_federation(ca_dir)
-    config, state = _job_config(config_path, overrides or [], options.resume)
+    config, state = resume_job(config_path, overrides or [], options.resume)
     check_deployable(config)
     evaluation = _evaluation_data(config, options.test_data)
     authority = EnrolmentAuthority(federation)

@@ -7,6 +7,7 @@ A checkpoint holds tensors, numbers, strings, lists and dicts only, and is loade
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pickle
 import warnings
@@ -20,7 +21,9 @@ from confide.config import Config, config_to_dict, load_config
 from confide.exceptions import CheckpointError, ConfigError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "resume_config", "check_resumable",
-           "CHECKPOINT_NAME", "FORMAT_VERSION"]
+           "resume_job", "CHECKPOINT_NAME", "FORMAT_VERSION"]
+
+log = logging.getLogger("confide")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -114,3 +117,23 @@ def check_resumable(state: dict[str, Any], *, run_dir: Path, num_params: int,
     if int(state["round"]) > rounds:
         raise ConfigError(f"the run already completed {state['round']} rounds; raise "
                           "run.rounds to continue it")
+
+
+def resume_job(config_path: str | Path | None, overrides: list[str], resume: Path | None
+               ) -> tuple[Config, dict[str, Any] | None]:
+    """The job's config and, with ``resume`` (a run folder), the checkpoint to go on from.
+
+    A resumed run keeps its saved config (only ``run.rounds`` may change; a job file given
+    too must match it). Without a checkpoint (the coordinator died in round 1) the run
+    starts over in its folder; the ledger keeps whatever was already spent.
+    """
+    if resume is None:
+        if config_path is None:
+            raise ConfigError("give the job with --config FILE (or --resume RUN_DIR)")
+        return load_config(config_path, overrides), None
+    given = load_config(config_path, overrides) if config_path is not None else None
+    config = resume_config(resume, overrides, given=given)
+    if not (resume / CHECKPOINT_NAME).is_file():
+        log.warning("%s has no checkpoint yet; its job starts again from round 1", resume)
+        return config, None
+    return config, load_checkpoint(resume)

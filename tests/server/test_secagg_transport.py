@@ -10,11 +10,11 @@ from flwr.app import ConfigRecord, RecordDict
 
 from confide.client import ClientResult
 from confide.client.messages import decode_result, encode_result
-from confide.privacy.secagg.flower_stage import handle_secagg_stage, pack, unpack
 from confide.client.session import ClientSession
 from confide.config import load_config
 from confide.exceptions import ProtocolError
 from confide.privacy.secagg.aggregator import SecureAggregator
+from confide.privacy.secagg.flower_stage import handle_secagg_stage, pack, unpack
 from confide.server.secagg_transport import DeployedSecureAggregator
 
 N = 50

@@ -36,18 +36,16 @@ import torch
 from confide.config import Config
 from confide.exceptions import ConfigError, PrivacyError, RoundFailedError
 from confide.privacy.secagg.graph import graph_parameters
+from confide.privacy.secagg.metadata import META_FIELDS, encode_meta, meta_scale
 from confide.privacy.secagg.primitives import mask_dtype
 from confide.privacy.secagg.protocol import (
     INPUT_FLOATS,
     INPUT_INTEGERS,
-    META_FIELDS,
     MIN_CLIENTS,
     STAGES,
     Contribution,
     SecAggClient,
     SecAggServer,
-    encode_meta,
-    meta_scale,
 )
 from confide.privacy.secagg.quantisation import Quantiser, centred_lift, check_capacity
 from confide.privacy.secagg.transport import InProcessMessagePath, run_secure_aggregation

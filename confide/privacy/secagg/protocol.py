@@ -59,7 +59,8 @@ import numpy as np
 from confide.exceptions import ConfigError, ProtocolError, RoundFailedError
 from confide.privacy.secagg import primitives as crypto
 from confide.privacy.secagg.graph import harary_graph
-from confide.privacy.secagg.quantisation import Quantiser, check_capacity, stochastic_round
+from confide.privacy.secagg.metadata import META_FIELDS, encode_meta, meta_scale
+from confide.privacy.secagg.quantisation import Quantiser, check_capacity
 from confide.privacy.secagg.wire import (
     SEALED_SHARE_BYTES,
     SERVER_ID,
@@ -138,35 +139,6 @@ class Contribution:
     #: sums: ``(examples, steps, train_loss)`` (:data:`META_FIELDS`); empty: none
     meta: tuple[float, ...] = ()
 
-
-#: metadata words after the weight: example count and step count (exact, capped) and the
-#: example-weighted training loss (fixed point, clipped to [0, LOSS_CAP])
-META_FIELDS = ("num_examples", "num_steps", "loss_x_examples")
-#: training losses are clipped to this before they enter the sum
-LOSS_CAP = 64.0
-
-
-def meta_scale(levels: int, max_weight: int) -> float:
-    """Integer units per unit of ``loss * examples`` (the sum of n stays below 2^(b-1))."""
-    return levels / (LOSS_CAP * max_weight)
-
-
-def encode_meta(meta: Sequence[float], *, levels: int, max_weight: int,
-                rng: np.random.Generator) -> np.ndarray:
-    """``(examples, steps, loss)`` as :data:`META_FIELDS` integers in ``[0, levels]``.
-
-    Each entry of a client is at most Q = ``levels``, so the sum of the cohort cannot wrap
-    (the quantiser's bound, :mod:`~confide.privacy.secagg.quantisation`).
-    """
-    if len(meta) != len(META_FIELDS):
-        raise ProtocolError(f"metadata has {len(meta)} entries, expected {len(META_FIELDS)}")
-    examples = int(min(max(meta[0], 0), max_weight, levels))
-    steps = int(min(max(meta[1], 0), levels))
-    loss = float(meta[2]) if math.isfinite(meta[2]) else 0.0
-    scaled = np.array([min(max(loss, 0.0), LOSS_CAP) * examples
-                       * meta_scale(levels, max_weight)])
-    lossx = int(min(stochastic_round(scaled, rng)[0], levels))
-    return np.array([examples, steps, lossx], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- client
