@@ -48,6 +48,20 @@ num_clients = 3
 partition = "iid"
 [client]
 device = "cpu"
+{extra}"""
+
+#: the variant the issue's target is about: SecAgg+ (t = 2 of 3) and central DP
+SECURE = """[cohort]
+min_clients = 2
+train_timeout_s = 60
+[privacy]
+mode = "central"
+noise_multiplier = 0.0005
+clip_norm = 5.0
+[secure_aggregation]
+enabled = true
+threshold = 2
+stage_timeout_s = {stage_timeout}
 """
 
 
@@ -57,8 +71,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cli(args: list[str], folder: Path, name: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+def _cli(args: list[str], folder: Path, name: str,
+         env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           **(env or {})}
     with (folder / f"{name}.err").open("wb") as err:
         return subprocess.Popen([sys.executable, "-m", "confide.cli", *args], cwd=folder,
                                 env=env, stdout=subprocess.DEVNULL, stderr=err,
@@ -79,6 +95,24 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(timeout=10)
 
 
+def _wait_listening(server: subprocess.Popen[bytes], port: int, err: Path,
+                    timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        if server.poll() is not None:
+            raise RuntimeError(err.read_text()[-3000:])
+        time.sleep(0.2)
+    raise RuntimeError(f"the coordinator did not listen within {timeout:g} s")
+
+
+def _rounds_done(run: Path) -> int:
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        return len(json.loads((run / "history.json").read_text()))
+    return 0
+
+
 def _partitions(job: Path, folder: Path) -> list[Path]:
     from confide.app.simulate import build_simulation
     from confide.config import load_config
@@ -92,13 +126,18 @@ def _partitions(job: Path, folder: Path) -> list[Path]:
     return out
 
 
-def deployed(rounds: int, *, poll: float, max_poll: float, threads: int) -> dict[str, object]:
-    """One deployed job; per-round seconds from the coordinator's timings.csv."""
+def deployed(rounds: int, *, poll: float, max_poll: float, threads: int, extra: str = "",
+             kill_at: str | None = None) -> dict[str, object]:
+    """One deployed job; per-round seconds from the coordinator's timings.csv.
+
+    ``kill_at = "<round>:<stage>"`` SIGKILLs client 2 at that point (``CONFIDE_FAULT_KILL_AT``)
+    and measures the seconds from its death to the end of that round without it.
+    """
     folder = Path(tempfile.mkdtemp(prefix="confide-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
         job = folder / "job.toml"
-        job.write_text(JOB.format(rounds=rounds))
+        job.write_text(JOB.format(rounds=rounds, extra=extra))
         data = _partitions(job, folder)
         from confide.server.ca import init_federation, load_federation
         from confide.server.enrolment import EnrolmentAuthority
@@ -125,8 +164,19 @@ def deployed(rounds: int, *, poll: float, max_poll: float, threads: int) -> dict
             enrol_online(coordinator=f"127.0.0.1:{port}", token=tokens[i],
                          directory=folder / f"c{i}")
         for i in range(3):
+            env = {"CONFIDE_FAULT_KILL_AT": kill_at} if kill_at and i == 2 else None
             procs.append(_cli(["client", "start", "--dir", f"c{i}", "--data", str(data[i]),
-                               "--threads", str(threads), "-q", *timing], folder, f"c{i}"))
+                               "--threads", str(threads), "-q", *timing], folder, f"c{i}",
+                              env=env))
+        death: dict[str, float] = {}
+        if kill_at is not None:
+            victim, kill_round = procs[-1], int(kill_at.split(":")[0])
+            while victim.poll() is None and server.poll() is None:
+                time.sleep(0.005)
+            died = time.monotonic()
+            while _rounds_done(folder / "run") < kill_round and server.poll() is None:
+                time.sleep(0.005)
+            death = {"death_to_round_end_s": time.monotonic() - died}
         if server.wait(timeout=900) != 0:
             raise RuntimeError((folder / "server.err").read_text()[-2000:])
         with (folder / "run" / "timings.csv").open() as fh:
@@ -134,7 +184,8 @@ def deployed(rounds: int, *, poll: float, max_poll: float, threads: int) -> dict
         history = json.loads((folder / "run" / "history.json").read_text())
         return {"round_s": seconds, "first_round_s": seconds[0],
                 "median_later_round_s": statistics.median(seconds[1:]),
-                "final_accuracy": history[-1]["test_accuracy"]}
+                "final_accuracy": history[-1]["test_accuracy"],
+                "clients_per_round": [r["num_clients"] for r in history], **death}
     finally:
         _stop(procs)
         shutil.rmtree(folder, ignore_errors=True)
@@ -148,7 +199,7 @@ def simulated(rounds: int, *, threads: int) -> dict[str, object]:
 
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.toml"
-        job.write_text(JOB.format(rounds=rounds))
+        job.write_text(JOB.format(rounds=rounds, extra=""))
         sim = build_simulation(load_config(job))
         torch.set_num_threads(threads)  # as each deployed client
         sim.coordinator.run()
@@ -175,6 +226,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per client process (3 clients share the CPUs)")
     parser.add_argument("--skip-flower-polling", action="store_true")
+    parser.add_argument("--stage-timeout", type=float, default=5.0,
+                        help="secure_aggregation.stage_timeout_s of the SecAgg variants")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
@@ -192,6 +245,15 @@ def main() -> None:
 
     run("sequential simulation", simulated, threads=args.threads)
     run("confide", deployed, poll=0.01, max_poll=0.1, threads=args.threads)
+    secure = SECURE.format(stage_timeout=args.stage_timeout)
+    run("confide secagg+central-dp", deployed, poll=0.01, max_poll=0.1, threads=args.threads,
+        extra=secure)
+    for kill in ("3:training", "3:share_keys", "3:unmask"):
+        run(f"secagg, client killed {kill}", deployed, poll=0.01, max_poll=0.1,
+            threads=args.threads, extra=secure, kill_at=kill)
+        print(f"{'':>24}  death to the end of round 3 without it: "
+              f"{variants[f'secagg, client killed {kill}']['death_to_round_end_s']:.2f} s",
+              flush=True)
     if not args.skip_flower_polling:
         run("flower-polling", deployed, poll=3.0, max_poll=3.0, threads=args.threads)
     spawn = fresh_process_seconds()
@@ -207,7 +269,9 @@ def main() -> None:
                                "fresh_clientapp_process_s": spawn, "variants": variants},
                               indent=2))
     print(f"target < 2 s per round: confide later rounds "
-          f"{variants['confide']['median_later_round_s']:.3f} s; written to {out}")
+          f"{variants['confide']['median_later_round_s']:.3f} s, with SecAgg + central DP "
+          f"{variants['confide secagg+central-dp']['median_later_round_s']:.3f} s; written "
+          f"to {out}")
 
 
 if __name__ == "__main__":

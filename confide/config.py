@@ -122,6 +122,9 @@ class CohortConfig:
     max_retries: int = _c(2, ge=0, help="a round that fails (quorum lost, too few clients for "
                           "secure aggregation) is run again this many times with a fresh "
                           "cohort of the live clients before the job stops")
+    train_timeout_s: float | None = _c(None, gt=0, help="deployment: seconds a round waits for "
+                                       "training replies before the missing clients count as "
+                                       "dropped (unset: server start --round-timeout)")
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,9 @@ class SecureAggregationConfig:
                                   "tolerate dropping mid-protocol")
     corruption_tolerance: float = _c(0.05, ge=0, lt=0.9, help="fraction of a cohort that may "
                                      "collude with the coordinator (sets the threshold)")
+    stage_timeout_s: float = _c(20.0, gt=0, help="deployment: seconds the coordinator waits "
+                                "for one protocol stage's replies; clients still silent then "
+                                "have dropped out at that stage")
 
 
 @dataclass(frozen=True)

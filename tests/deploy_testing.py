@@ -76,12 +76,14 @@ class Processes:
     folder: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def start(self, name: str, args: list[str], *, cwd: Path | None = None) -> Proc:
+    def start(self, name: str, args: list[str], *, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> Proc:
         out, err = self.folder / f"{name}.out", self.folder / f"{name}.err"
         with out.open("wb") as fo, err.open("wb") as fe:
             popen = subprocess.Popen(  # noqa: S603
                 [sys.executable, "-m", "confide.cli", *args], cwd=cwd or self.folder,
-                env=child_env(), stdout=fo, stderr=fe, start_new_session=True)
+                env={**child_env(), **(env or {})}, stdout=fo, stderr=fe,
+                start_new_session=True)
         proc = Proc(name, popen, out, err)
         self.procs.append(proc)
         return proc
@@ -226,3 +228,40 @@ def contains_any_window(haystack: bytes, needle: bytes, window: int = 32,
     """Whether any ``window``-byte slice of ``needle`` (every ``step`` bytes) occurs."""
     return any(needle[i:i + window] in haystack
                for i in range(0, max(1, len(needle) - window), step))
+
+
+# --------------------------------------------------------------------------- federations
+
+
+def offline_federation(folder: Path, names: list[str], port: int, run_cli: Callable,
+                       capsys: object) -> Path:
+    """A CA and enrolled client folders ``folder/<name>``, all in process (offline enrolment:
+    request, operator's answer, import), for a coordinator that will listen on ``port``."""
+    fed = folder / "fed"
+    code, _, err = run_cli(["ca", "init", str(fed), "--name", "e2e"], capsys)
+    if code != 0:
+        raise AssertionError(err)
+    for name in names:
+        code, token, err = run_cli(["enrol", "token", "--ca", str(fed), "--name", name,
+                                    "--expires", "1h"], capsys)
+        request, answer = folder / f"{name}.request.json", folder / f"{name}.answer.json"
+        steps = [["client", "enrol", "--dir", str(folder / name), "--token", token.strip(),
+                  "--offline-request", str(request)],
+                 ["enrol", "answer", "--ca", str(fed), str(request), "--output", str(answer),
+                  "--coordinator", f"127.0.0.1:{port}"],
+                 ["client", "enrol", "--dir", str(folder / name), "--import", str(answer)]]
+        for args in steps:
+            code, _, err = run_cli(args, capsys)
+            if code != 0:
+                raise AssertionError(f"{args[:2]}: {err}")
+    return fed
+
+
+def read_json(path: Path) -> object:
+    """A JSON file written atomically by the coordinator, or None while it is absent."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None

@@ -14,7 +14,9 @@ result, so a masked-input stage can mask an update that never left the client in
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import signal
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,6 +151,9 @@ class TaskRunner:
             task.seed = secrets.randbits(63)
         session.job, session.config, session.last_task = job, built.config, task
         session.last_result = None
+        # A new task starts a new protocol run, even for a round number seen before (a
+        # retried round, or a resumed coordinator sending its interrupted round again).
+        session.scratch.pop(STAGE, None)
         session.scratch["weighting"] = built.weighting
         result = run_client_task(task, built.trainer, x, y, built.strategy, built.pipeline)
         session.last_result = result
@@ -158,6 +163,34 @@ class TaskRunner:
         """Whether this client's update must not travel in the clear for ``job``."""
         return self.local_secure_aggregation and \
             self._build(job).config.secure_aggregation.enabled
+
+
+#: Fault injection for end-to-end tests and the soak benchmark: with
+#: ``CONFIDE_FAULT_KILL_AT="<round>:<stage>"`` in its environment a client process SIGKILLs
+#: itself on receiving that round's ``training`` task or secure-aggregation request
+#: (``advertise_keys``, ``share_keys``, ``masked_input``, ``unmask``): a real crash at an
+#: exact point of the protocol, which no timing from outside can hit.
+FAULT_ENV = "CONFIDE_FAULT_KILL_AT"
+_REQUEST_STAGES = {"SETUP": "advertise_keys", "SHARE_KEYS_REQUEST": "share_keys",
+                   "MASKED_INPUT_REQUEST": "masked_input", "UNMASK_REQUEST": "unmask"}
+
+
+def _fault_point(server_round: object, stage: str) -> None:
+    target = os.environ.get(FAULT_ENV)
+    if target and target == f"{server_round}:{stage}":
+        log.warning("%s=%s: this client kills itself now", FAULT_ENV, target)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _secagg_stage_name(content: RecordDict) -> str:
+    from confide.privacy.secagg.flower_stage import unpack
+    from confide.privacy.secagg.wire import decode_header
+
+    try:
+        kind = decode_header(unpack(content, "request")).kind
+    except ConfideError:
+        return "?"
+    return _REQUEST_STAGES.get(kind.name, "?")
 
 
 def _error_reply(message: Message, code: int, reason: str) -> Message:
@@ -179,6 +212,7 @@ def build_client_app(runner: TaskRunner | Callable[[], TaskRunner], *,
     def train(message: Message, context: Context) -> Message:
         try:
             task, job = decode_task(message.content)
+            _fault_point(task.server_round, "training")
             runner_ = get_runner()
             result = runner_.train(task, job)
             local = runner_.keeps_update_local(job)
@@ -212,6 +246,9 @@ def _register_stage(app: ClientApp, name: str, handler: StageHandler,
             client_id = message.content.config_records["confide.stage"]["client_id"]
             if not isinstance(client_id, int):
                 raise TypeError("client_id must be an integer")
+            if name == STAGE and os.environ.get(FAULT_ENV):
+                _fault_point(message.content.config_records["confide.stage"]["server_round"],
+                             _secagg_stage_name(message.content))
             reply = handler(message.content, get_runner().session(client_id))
         except (ConfideError, KeyError, TypeError, ValueError) as exc:
             return _error_reply(message, ERROR_REFUSED, f"stage {name}: {exc}")

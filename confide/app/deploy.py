@@ -39,7 +39,7 @@ import httpx
 import torch
 
 from confide.client.messages import JobSpec
-from confide.config import Config, dump_config, load_config
+from confide.config import Config, dump_config
 from confide.exceptions import (
     CheckpointError,
     ConfideError,
@@ -48,6 +48,7 @@ from confide.exceptions import (
     RoundFailedError,
 )
 from confide.server.ca import load_federation
+from confide.server.checkpoint import check_resumable, resume_job
 from confide.server.enrolment import ClientRecord, EnrolmentAuthority
 from confide.server.flower_app import GridExecutor, NodeDirectory, build_server_app
 from confide.server.gateway import Gateway
@@ -72,6 +73,8 @@ class DeployOptions:
     max_poll_interval_s: float = 0.1
     test_data: Path | None = None
     superlink_start_timeout_s: float = 60.0
+    #: continue this run folder from its checkpoint and ledger (``server start --resume``)
+    resume: Path | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -204,6 +207,9 @@ def _prepare_run_dir(options: DeployOptions, config: Config) -> Path:
     from confide.app.simulate import new_run_dir
     from confide.server.history import atomic_write_text
 
+    if options.resume is not None:  # a raised run.rounds is the only change; record it
+        atomic_write_text(options.resume / "config.toml", dump_config(config))
+        return options.resume
     run_dir = options.output if options.output is not None else new_run_dir(config)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise CheckpointError(f"output folder {str(run_dir)!r} already holds files; choose "
@@ -231,7 +237,7 @@ def _terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
+def run_deployment(*, ca_dir: str | Path, config_path: str | Path | None,
                    overrides: list[str] | None = None, options: DeployOptions = DeployOptions(),
                    on_start: Callable[[str], None] | None = None,
                    on_round_end: Callable[[dict[str, Any]], None] | None = None
@@ -245,7 +251,7 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
 
     # Everything a user can get wrong is checked before anything starts or is written.
     federation = load_federation(ca_dir)
-    config = load_config(config_path, overrides or [])
+    config, state = resume_job(config_path, overrides or [], options.resume)
     check_deployable(config)
     evaluation = _evaluation_data(config, options.test_data)
     authority = EnrolmentAuthority(federation)
@@ -256,6 +262,9 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
     model_factory, strategy, privacy = built.model_factory, built.strategy, built.privacy
     model = model_factory()
     params = built.params
+    if state is not None and options.resume is not None:
+        check_resumable(state, run_dir=options.resume, num_params=params.numel(),
+                        rounds=config.run.rounds)
     if config.privacy.mode == "central":
         from confide.privacy.central import CentralDP
 
@@ -279,7 +288,7 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
     _check_population(authority, n)
     authority.refresh_crl()
 
-    run_dir = _prepare_run_dir(options, config)
+    run_dir = _prepare_run_dir(options, config)  # on resume: the run folder, config updated
     link = SuperLinkProcess(federation=federation, log_path=run_dir / "superlink.log",
                             start_timeout=options.superlink_start_timeout_s)
     gateway: Gateway | None = None
@@ -317,7 +326,8 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
 
             executor = GridExecutor(grid=grid, nodes=directory, job=job,
                                     aux_names=strategy.aux_names,
-                                    round_timeout=options.round_timeout_s,
+                                    round_timeout=(config.cohort.train_timeout_s
+                                                   or options.round_timeout_s),
                                     poll_interval=options.poll_interval_s,
                                     max_poll_interval=options.max_poll_interval_s,
                                     vectors_in_replies=not config.secure_aggregation.enabled)
@@ -329,6 +339,9 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path,
                     config=config, strategy=strategy, executor=executor, aggregator=aggregator,
                     privacy=privacy, params=params, num_clients=n, client_sizes=[0] * n,
                     evaluator=evaluator, run_dir=run_dir, on_round_end=on_round_end)
+                if state is not None:  # the ledger is reconciled with the file in run()
+                    coordinator.restore(state)
+                    log.info("resuming %s after round %d", run_dir, coordinator.completed_rounds)
                 history.extend(coordinator.run())
                 set_flat_params(model, coordinator.params)
                 tmp = run_dir / ".model.pt.tmp"

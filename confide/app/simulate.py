@@ -32,7 +32,7 @@ from confide.parameters import set_flat_params
 from confide.progress import LogRoundProgress, RoundProgress
 from confide.round import Aggregator, PlainAggregator
 from confide.server.buffered import BufferedCoordinator
-from confide.server.checkpoint import load_checkpoint
+from confide.server.checkpoint import check_resumable, load_checkpoint, resume_config
 from confide.server.coordinator import Coordinator, RoundRecord
 from confide.server.history import diverged, plot_partition
 from confide.simulations.datasets import FederatedDataset, load_dataset
@@ -213,22 +213,6 @@ def _prepare_new_dir(run_dir: Path, config: Config) -> None:
     atomic_write_text(run_dir / "config.toml", dump_config(config))
 
 
-def _resume_config(run_dir: Path, overrides: list[str]) -> Config:
-    cfg_path = run_dir / "config.toml"
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {str(run_dir)!r} not found; nothing to resume")
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} has no config.toml; is it a Confide run folder?")
-    bad = [o for o in overrides if not o.strip().startswith("run.rounds=")]
-    if bad:
-        raise ConfigError(f"--resume uses the run's saved config; only run.rounds may be "
-                          f"changed (got --set {bad[0]})")
-    try:
-        return load_config(cfg_path, overrides)
-    except ConfigError as exc:
-        raise CheckpointError(f"{str(cfg_path)!r} is invalid: {exc}") from None
-
-
 def run_simulation(
     config_path: str | Path | None = None,
     *,
@@ -252,7 +236,7 @@ def run_simulation(
             raise ConfigError("--resume takes the run folder's own config; drop the config "
                               "file and --output")
         run_dir = Path(resume)
-        config = _resume_config(run_dir, overrides)
+        config = resume_config(run_dir, overrides)
         # Stopped before its first checkpoint: resuming starts from round 0.
         state = None if _never_ran(run_dir) else load_checkpoint(run_dir)
     else:
@@ -265,13 +249,9 @@ def run_simulation(
     sim = build_simulation(config, run_dir=None, on_round_end=on_round_end, progress=progress)
     config = sim.config  # with what the data decided (a natural partition's client count)
     if state is not None:
-        if state["params"].numel() != sim.coordinator.params.numel():
-            raise CheckpointError(f"checkpoint in {str(run_dir)!r} does not match the model "
-                                  "of its config.toml")
+        check_resumable(state, run_dir=run_dir, num_params=sim.coordinator.params.numel(),
+                        rounds=config.run.rounds)
         sim.coordinator.restore(state)
-        if int(state["round"]) > config.run.rounds:
-            raise ConfigError(f"the run already completed {state['round']} rounds; raise "
-                              "run.rounds to continue it")
         # A raised run.rounds is the only allowed change; record it.
         atomic_write_text(run_dir / "config.toml", dump_config(config))
     else:

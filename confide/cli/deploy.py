@@ -198,7 +198,12 @@ def clients_revoke(
 @server_app.command("start")
 def server_start(
     ca: CaOpt,
-    config: Annotated[Path, typer.Option("--config", help="The job file (TOML).")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="The job file (TOML); with --resume optional (must match).")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue this run folder from its checkpoint and privacy ledger "
+                         "(only run.rounds may change; clients reconnect on their own).")
+                      ] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="Override a key: section.key=value (repeatable).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -224,10 +229,14 @@ def server_start(
     from confide.app.deploy import DeployOptions, run_deployment
 
     _logging(quiet)
+    if resume is not None and output is not None:
+        from confide.exceptions import ConfigError
+
+        raise ConfigError("--resume continues the run in its own folder; drop --output")
     options = DeployOptions(host=host, port=port, output=output, insecure=insecure,
                             wait_for_clients_s=wait, round_timeout_s=round_timeout,
                             test_data=test_data, poll_interval_s=poll_interval,
-                            max_poll_interval_s=max_poll_interval)
+                            max_poll_interval_s=max_poll_interval, resume=resume)
 
     def on_round(record: dict[str, Any]) -> None:
         acc = record.get("test_accuracy")
@@ -312,6 +321,9 @@ def client_start(
         help="CPU threads for training (default: one; OMP_NUM_THREADS is kept).", min=1)] = None,
     connect_timeout: Annotated[float, typer.Option(
         help="Seconds to keep trying to reach the coordinator.", min=0)] = 60.0,
+    reconnect_timeout: Annotated[float, typer.Option(
+        help="Seconds to keep retrying (with back-off) a coordinator that was lost, e.g. "
+             "while it restarts with --resume.", min=0)] = 300.0,
     insecure: Annotated[bool, typer.Option(
         help="No TLS (only against a coordinator started with --insecure).")] = False,
     quiet: QuietOpt = False,
@@ -336,7 +348,8 @@ def client_start(
         with _sigterm_as_interrupt():
             rounds = run_node(identity=identity, client_app=app, options=NodeOptions(
                 insecure=insecure, poll_interval=poll_interval,
-                max_poll_interval=max_poll_interval, connect_timeout=connect_timeout))
+                max_poll_interval=max_poll_interval, connect_timeout=connect_timeout,
+                reconnect_timeout=reconnect_timeout))
     except KeyboardInterrupt:
         _stopped()
         return

@@ -305,13 +305,15 @@ def encode_result(result: ClientResult, *, include_vectors: bool = True) -> Reco
     """A client's result as Flower records (only scalar metrics/info travel).
 
     ``include_vectors=False`` (secure aggregation in a deployment) keeps the update, the
-    auxiliary vectors and the client state on the client: only counts and metrics travel,
-    and the masked contribution follows in the secure-aggregation stages.
+    auxiliary vectors, the client state, its counts and its metrics on the client: they
+    follow inside the masked sum of the secure-aggregation stages (counts travel as 0).
     """
-    cfg: dict[str, Any] = {"client_id": result.client_id, "num_examples": result.num_examples,
-                           "num_steps": result.num_steps}
+    cfg: dict[str, Any] = {"client_id": result.client_id,
+                           "num_examples": result.num_examples if include_vectors else 0,
+                           "num_steps": result.num_steps if include_vectors else 0}
     for k, m in result.metrics.items():
-        cfg[f"metric.{k}"] = float(m)
+        if include_vectors:
+            cfg[f"metric.{k}"] = float(m)
     for k, v in result.info.items():
         if isinstance(v, _SCALARS):
             cfg[f"info.{k}"] = v
@@ -351,6 +353,9 @@ def decode_result(content: RecordDict, *, client_id: int, num_params: int,
     if not with_vectors:
         if len(tensors):
             raise ProtocolError(f"{what}: vectors in the clear under secure aggregation")
+        if num_examples or num_steps or any(k.startswith("metric.") for k in cfg.keys()):
+            raise ProtocolError(f"{what}: counts or metrics in the clear under secure "
+                                "aggregation")
         update = torch.zeros(num_params)
         aux = {k: torch.zeros(num_params) for k in aux_names}
     else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +44,15 @@ class NodeOptions:
     poll_interval: float = 0.01
     max_poll_interval: float = 0.1
     connect_timeout: float = 60.0
-    reconnect_timeout: float = 60.0
+    #: how long a lost coordinator (restarted, resumed) is retried, backing off, before the
+    #: node gives up
+    reconnect_timeout: float = 300.0
     request_timeout: float = 120.0
+    #: seconds between heartbeats; the SuperLink counts the node offline after two missed
+    #: (Flower's minimum is 10 s), so a dead client leaves the cohort within ~20 s
+    heartbeat_interval: float = 10.0
+    #: back-off between reconnection attempts: doubles from the first to the last
+    reconnect_backoff: tuple[float, float] = (0.5, 5.0)
 
 
 class _Refused(ConfideError):
@@ -100,7 +108,7 @@ class _Fleet:
                           NodeAuthHttpInterceptor(identity.key, identity.key.public_key())])
         self.identity = identity
         self.node: Any = None
-        self.heartbeat_interval = 30.0
+        self.heartbeat_interval = options.heartbeat_interval
         self.refused: str | None = None
 
     def call(self, method: str, request: Any) -> Any:
@@ -231,11 +239,51 @@ def _connect(fleet: _Fleet, options: NodeOptions) -> int:
         time.sleep(0.5)
 
 
+class _Heartbeat:
+    """Heartbeats every half interval (Flower's ``HeartbeatSender`` always waits ~20 s,
+    whatever interval the node announced, which would let a 10 s node expire).
+    """
+
+    def __init__(self, fleet: _Fleet) -> None:
+        self.fleet = fleet
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="confide-heartbeat",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.fleet.heartbeat_interval / 2):
+            try:
+                self.fleet.heartbeat()
+            except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                log.debug("heartbeat failed: %s", exc)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _rejoin(fleet: _Fleet, node_id: int) -> int:
+    """Activate again after the coordinator was lost; returns the node id to use.
+
+    A restarted coordinator (``server start --resume``) runs a new SuperLink: the old node id
+    is unknown there, the enrolled key is registered again. The same SuperLink answers 412
+    (the node is still online there: only the connection broke), and the old id stands.
+    """
+    try:
+        return fleet.activate()
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 412:
+            return node_id
+        raise
+
+
 def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions = NodeOptions(),
              on_ready: Any = None) -> int:
     """Serve the coordinator's messages until it finishes the job; returns rounds served."""
     from flwr.app import Context, Error, Message, RecordDict
-    from flwr.supercore.heartbeat import HeartbeatSender
 
     if options.insecure:
         log.warning("--insecure: this client talks to the coordinator WITHOUT TLS")
@@ -245,21 +293,37 @@ def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions 
              node_id)
     if on_ready is not None:
         on_ready(node_id)
-    heartbeat = HeartbeatSender(fleet.heartbeat)
+    heartbeat = _Heartbeat(fleet)
     heartbeat.start()
     contexts: dict[int, Any] = {}
     served = 0
     lost_since: float | None = None
+    #: set when the coordinator was lost or refused the node's id: activate again first
+    rejoin = False
+    rejoined_after_refusal = False
+    backoff = options.reconnect_backoff[0]
     interval = options.poll_interval
     try:
         while True:
             if fleet.refused is not None:
-                raise _Refused(fleet.refused)
+                if rejoined_after_refusal:  # refused again right after a fresh activation
+                    raise _Refused(fleet.refused)
+                rejoin, rejoined_after_refusal = True, True
+                fleet.refused = None
             try:
+                if rejoin:
+                    node_id = _rejoin(fleet, node_id)
+                    rejoin, lost_since = False, None
+                    backoff = options.reconnect_backoff[0]
+                    log.info("client %r reconnected to %s as node %d", identity.name,
+                             identity.coordinator, node_id)
                 message = fleet.pull()
                 lost_since = None
-            except _Refused:
-                raise
+            except _Refused as exc:
+                if rejoined_after_refusal:
+                    raise
+                fleet.refused = str(exc)  # perhaps a restarted coordinator: activate again
+                continue
             except (httpx.HTTPError, OSError) as exc:
                 tls = _tls_failure(exc)
                 if tls is not None:
@@ -268,13 +332,19 @@ def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions 
                 if time.monotonic() - lost_since > options.reconnect_timeout:
                     raise ConfideError(f"lost the coordinator at {identity.coordinator} for "
                                        f"{options.reconnect_timeout:g} s ({exc})") from None
-                time.sleep(0.5)
+                if not rejoin:
+                    log.warning("lost the coordinator (%s); retrying for up to %g s", exc,
+                                options.reconnect_timeout)
+                rejoin = True
+                time.sleep(backoff)
+                backoff = min(2 * backoff, options.reconnect_backoff[1])
                 continue
             except ConfideError:
                 raise
             except Exception as exc:  # noqa: BLE001 - e.g. Flower's ObjectPullError
                 log.warning("could not receive a message (%s); waiting for the next", exc)
                 continue
+            rejoined_after_refusal = False
             if message is None:
                 time.sleep(interval)
                 interval = min(interval * 1.5, max(options.poll_interval,

@@ -175,11 +175,12 @@ class GridExecutor(Executor):
                                           group_id=str(server_round))))
         sent, failed = self._push(messages)
         out.update(failed)
-        replies = self._collect(sent, timeout or self.round_timeout)
+        deadline = timeout or self.round_timeout
+        replies = self._collect(sent, deadline)
         for cid in sent.values():
             reply = replies.get(cid)
-            if reply is None:
-                out[cid] = "no reply"
+            if reply is None:  # the stage's deadline passed: dropped at this stage
+                out[cid] = f"no reply within the {deadline:g} s deadline of {stage}"
             elif reply.has_error():
                 out[cid] = reply.error.reason or "error"
             else:

@@ -41,9 +41,12 @@ log = logging.getLogger("confide")
 class GridMessagePath(MessagePath):
     """One round's SecAgg+ stages over a :class:`GridExecutor`."""
 
-    def __init__(self, executor: GridExecutor, server_round: int) -> None:
+    def __init__(self, executor: GridExecutor, server_round: int,
+                 stage_timeout: float | None = None) -> None:
         self.executor = executor
         self.server_round = server_round
+        #: a stage waits this long; clients silent by then dropped out at that stage
+        self.stage_timeout = stage_timeout
         #: seconds per client spent waiting for its replies (for the aggregator's report)
         self.seconds: dict[int, float] = {}
 
@@ -52,7 +55,8 @@ class GridMessagePath(MessagePath):
         t0 = time.perf_counter()
         replies = self.executor.exchange(STAGE, {cid: pack(req) for cid, req in
                                                  requests.items()},
-                                         server_round=self.server_round)
+                                         server_round=self.server_round,
+                                         timeout=self.stage_timeout)
         elapsed = time.perf_counter() - t0
         out: dict[int, bytes | None] = {}
         for cid in requests:
@@ -75,8 +79,12 @@ class DeployedSecureAggregator(SecureAggregator):
     """:class:`SecureAggregator` whose stages reach real clients through the Grid.
 
     The client results it receives carry placeholder (zero) vectors of the right shape; the
-    contributions that are summed are built and masked on the clients.
+    contributions that are summed are built and masked on the clients, with each client's
+    example count, step count and loss as extra coordinates: the batch's counts and loss are
+    rewritten from those sums (``metadata_from_sum``).
     """
+
+    metadata_from_sum = True
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -88,4 +96,5 @@ class DeployedSecureAggregator(SecureAggregator):
         """The Grid path (the in-process clients and contributions are not used)."""
         if self.executor is None:
             raise ProtocolError("the deployed secure aggregator has no Grid executor")
-        return GridMessagePath(self.executor, server_round)
+        return GridMessagePath(self.executor, server_round,
+                               stage_timeout=self.settings.stage_timeout_s)

@@ -166,7 +166,7 @@ def test_detector_finds_model_bytes_in_plaintext_messages():
 def test_revoked_client_refused_and_excluded_next_round(tmp_path, capsys):
     """Acceptance 2 (revocation): revoking a client during a job refuses its next request
     and a fresh connection, and it is left out of the following rounds."""
-    # Without secure aggregation: SecAgg+ needs at least 3 clients and one is revoked.
+    # Without secure aggregation (with it: tests/e2e/test_deploy_failures.py).
     job = _job(tmp_path / "job.toml", rounds=40, epochs=1, min_clients=2, secure=False)
     data = write_partitions(job, tmp_path)
     fed, tokens = _federation(tmp_path, capsys)

@@ -38,10 +38,12 @@ from confide.compression import UpdateCodec, check_field
 from confide.config import Config
 from confide.exceptions import ConfigError, PrivacyError, RoundFailedError
 from confide.privacy.secagg.graph import graph_parameters
+from confide.privacy.secagg.metadata import META_FIELDS, encode_meta, meta_scale
 from confide.privacy.secagg.primitives import mask_dtype
 from confide.privacy.secagg.protocol import (
     INPUT_FLOATS,
     INPUT_INTEGERS,
+    MIN_CLIENTS,
     STAGES,
     Contribution,
     SecAggClient,
@@ -88,6 +90,9 @@ class RoundReport:
     client_seconds: dict[int, float] = field(default_factory=dict)
     coordinator_seconds: float = 0.0
     insecure: bool = False
+    #: the cohort's metadata, known only as sums: num_examples, num_steps, train_loss (the
+    #: example-weighted mean over the summed clients)
+    metadata: dict[str, float] = field(default_factory=dict)
 
 
 class _TimedPath(InProcessMessagePath):
@@ -110,6 +115,9 @@ class SecureAggregator(Aggregator):
     """SecAgg+ over the round's reporting clients (Bonawitz et al. 2017; Bell et al. 2020)."""
 
     dropout_stages = ("training", *PROTOCOL_DROPOUT_STAGES)
+    #: rewrite the batch's counts and loss from the secure sums (a deployment, whose replies
+    #: carry none of them in the clear); in simulation the batch keeps its own columns
+    metadata_from_sum = False
 
     def __init__(self, config: Config) -> None:
         sa = config.secure_aggregation
@@ -120,13 +128,13 @@ class SecureAggregator(Aggregator):
         if sa.neighbours is not None and sa.threshold is not None and sa.threshold > sa.neighbours:
             raise ConfigError(f"secure_aggregation.threshold = {sa.threshold} exceeds "
                               f"secure_aggregation.neighbours = {sa.neighbours}")
-        if sa.threshold is not None and sa.threshold > expected - 1:
+        if sa.threshold is not None and sa.threshold > expected:
             raise ConfigError(f"secure_aggregation.threshold = {sa.threshold} exceeds the "
-                              f"{expected - 1} neighbours a client has in a cohort of "
-                              f"{expected}; lower it or raise cohort.size")
-        if expected < 3:
-            raise ConfigError(f"secure aggregation needs cohorts of at least 3 clients; "
-                              f"cohort.size gives {expected}")
+                              f"{expected} clients of a cohort (t counts the survivors that "
+                              "unmask, each client included); lower it or raise cohort.size")
+        if expected < MIN_CLIENTS:
+            raise ConfigError(f"secure aggregation needs cohorts of at least {MIN_CLIENTS} "
+                              f"clients; cohort.size gives {expected}")
         # Compression (confide.compression): random-k runs over the k shared coordinates;
         # QSGD's integer codes are summed in the field itself (integer inputs).
         self.codec = (UpdateCodec.from_config(config)
@@ -143,8 +151,9 @@ class SecureAggregator(Aggregator):
             self._check_qsgd_field(expected)
         if self.input_mode == INPUT_FLOATS:
             check_capacity(cohort_size=expected, bits=sa.bits, max_weight=sa.max_weight)
-        graph_parameters(expected, dropout_rate=self._dropout_rate(),
-                         corrupt_rate=sa.corruption_tolerance)  # fails early on impossible rates
+        if expected >= 3:  # fails early on impossible rates
+            graph_parameters(expected, dropout_rate=self._dropout_rate(),
+                             corrupt_rate=sa.corruption_tolerance)
         self._capped_warned = False
         self.last_report: RoundReport | None = None
         if sa.skip_pairwise_masks:
@@ -161,21 +170,33 @@ class SecureAggregator(Aggregator):
         return max(self.settings.dropout_tolerance, injected)
 
     def graph_for(self, n: int) -> tuple[int, int]:
-        """``(degree, threshold)`` for a cohort of ``n`` (explicit settings win)."""
+        """``(degree, threshold)`` for ``n`` live clients (explicit settings win).
+
+        ``t`` counts the survivors whose shares unmask a client, the client itself included
+        (:mod:`~confide.privacy.secagg.protocol`), so ``t <= degree + 1``. The protocol runs
+        with ``MIN_CLIENTS = 2`` live clients (why: ``protocol.MIN_CLIENTS``); at ``n = 2``
+        the graph is one edge and ``t = 2``: both must survive.
+        """
         sa = self.settings
-        if n < 3:
-            raise RoundFailedError(f"secure aggregation needs at least 3 clients, {n} reported")
-        k, t = graph_parameters(n, dropout_rate=self._dropout_rate(),
-                                corrupt_rate=sa.corruption_tolerance)
+        if n < MIN_CLIENTS:
+            raise RoundFailedError(f"secure aggregation needs at least {MIN_CLIENTS} live "
+                                   f"clients, {n} reported")
+        if n >= 3:
+            k, t = graph_parameters(n, dropout_rate=self._dropout_rate(),
+                                    corrupt_rate=sa.corruption_tolerance)
+        else:
+            k, t = 1, 2
         if sa.neighbours is not None:
             k = min(sa.neighbours, n - 1)
             t = min(max(2, math.ceil(2 * k / 3)), k)
         if sa.threshold is not None:
             t = sa.threshold
         degree = min(k + k % 2, n - 1)  # Harary graphs are built with even degree
-        if t > degree:
+        if t > degree + 1:
             raise RoundFailedError(f"secure_aggregation.threshold = {t} exceeds the "
-                                   f"{degree} neighbours a client has among {n} clients")
+                                   f"{degree + 1} holders of each client's shares (its "
+                                   f"{degree} neighbours and itself) among {n} live clients; "
+                                   "the round cannot release a sum")
         return degree, t
 
     # ------------------------------------------------------------------ the round
@@ -210,12 +231,12 @@ class SecureAggregator(Aggregator):
             if aux_names:
                 raise PrivacyError("distributed DP does not privatise auxiliary vectors "
                                    f"({', '.join(aux_names)}); choose a strategy without them")
-            vector_length = dim + 1
+            vector_length = dim + 1 + len(META_FIELDS)
             quantiser = None
         else:
             quantiser = Quantiser(bits=bits, clipping_range=self.settings.clipping_range,
                                   max_weight=self.settings.max_weight, cohort_size=n)
-            vector_length = quantiser.vector_length(dim, len(aux_names))
+            vector_length = quantiser.vector_length(dim, len(aux_names)) + len(META_FIELDS)
         drop_after = self._protocol_dropouts([r.client_id for r in results], server_round)
         report = RoundReport(server_round=server_round, cohort=[r.client_id for r in results],
                              degree=degree, threshold=threshold, bits=bits,
@@ -253,8 +274,12 @@ class SecureAggregator(Aggregator):
         log.info("secure aggregation, round %d: %d of %d clients summed (degree %d, threshold "
                  "%d, %d bits)%s", server_round, len(report.included), n, degree, threshold, bits,
                  " WITHOUT MASKS (insecure)" if report.insecure else "")
-        return expand(self._decode(words, report.included, first, dim, aux_names,
-                                   quantiser)).to(device)
+        meta_words = words[-len(META_FIELDS):]
+        report.metadata = self._decode_meta(meta_words, n)
+        if self.metadata_from_sum and isinstance(batch, ResultBatch):
+            self._publish_metadata(batch, report)
+        return expand(self._decode(words[:-len(META_FIELDS)], report.included, first, dim,
+                                   aux_names, quantiser)).to(device)
 
     def message_path(self, clients: dict[int, SecAggClient],
                      contributions: dict[int, Contribution], drop_after: dict[int, str],
@@ -276,7 +301,7 @@ class SecureAggregator(Aggregator):
                     f"client {r.client_id}'s update was not encoded for a {self.settings.bits}"
                     f"-bit secure sum (privacy.mode = 'distributed' encodes it; got {bits!r})")
             return Contribution(update=r.update.detach().cpu().numpy().astype(np.int64),
-                                weight=1)
+                                weight=1, meta=self._meta(r))
         weight = float(r.num_examples) if weighting == "examples" else 1.0
         w = int(round(weight))
         if w != weight or w < 0:
@@ -291,7 +316,41 @@ class SecureAggregator(Aggregator):
             w = self.settings.max_weight
         return Contribution(update=r.update.detach().cpu().double().numpy(), weight=w,
                             aux=tuple(r.aux[k].detach().cpu().double().numpy()
-                                      for k in aux_names))
+                                      for k in aux_names), meta=self._meta(r))
+
+    @staticmethod
+    def _meta(r: ClientResult) -> tuple[float, ...]:
+        """What the coordinator may learn of this client only inside the sum."""
+        return (float(r.num_examples), float(r.num_steps),
+                float(r.metrics.get("train_loss", 0.0)))
+
+    def _levels(self, n: int) -> int:
+        return (2 ** (self.settings.bits - 1) - 1) // n
+
+    def _decode_meta(self, words: np.ndarray, n: int) -> dict[str, float]:
+        """The metadata sums: total examples and steps, the example-weighted mean loss."""
+        signed = centred_lift(words, self.settings.bits)
+        examples, steps, lossx = (float(v) for v in signed)
+        scale = meta_scale(self._levels(n), self.settings.max_weight)
+        return {"num_examples": examples, "num_steps": steps,
+                "train_loss": lossx / scale / examples if examples > 0 else 0.0}
+
+    @staticmethod
+    def _publish_metadata(batch: ResultBatch, report: RoundReport) -> None:
+        """Give every summed row the cohort's mean count and the cohort's mean loss.
+
+        The coordinator's record (example-weighted mean loss) then holds exactly the secure
+        aggregate, and no row holds any one client's value.
+        """
+        summed = set(report.included)
+        mask = torch.tensor([c in summed for c in batch.client_ids], dtype=torch.bool,
+                            device=batch.num_examples.device)
+        count = max(1, len(summed))
+        meta = report.metadata
+        zero = torch.zeros_like(batch.num_examples)
+        batch.num_examples = torch.where(mask, zero + meta["num_examples"] / count, zero)
+        batch.num_steps = torch.where(mask, zero + meta["num_steps"] / count, zero)
+        batch.metrics = {"train_loss": torch.where(mask, zero + meta["train_loss"], zero)}
 
     def _protocol_dropouts(self, cohort: list[int], server_round: int) -> dict[int, str]:
         sim = self.config.simulation
@@ -313,12 +372,17 @@ class SecureAggregator(Aggregator):
             if stage is not None and STAGES.index(stage) < STAGES.index("masked_input"):
                 report.dropped[cid] = f"{stage}: left after this stage"
                 continue
+            def meta(cid: int = cid, c: Contribution = c) -> np.ndarray:  # after the update
+                return encode_meta(c.meta, levels=self._levels(len(contributions)),
+                                   max_weight=self.settings.max_weight, rng=rngs[cid])
             if quantiser is None:
                 words = np.empty(report.vector_length, dtype=acc.dtype)
-                words[:-1] = np.mod(c.update, 1 << bits)
-                words[-1] = c.weight
+                words[:c.update.size] = np.mod(c.update, 1 << bits)
+                words[c.update.size] = c.weight
+                words[c.update.size + 1:] = meta()
             else:
-                words = quantiser.encode(c.update, c.weight, list(c.aux), rngs[cid])
+                update = quantiser.encode(c.update, c.weight, list(c.aux), rngs[cid])
+                words = np.concatenate([update, quantiser.embed(meta())])
             np.add(acc, words, out=acc)
             report.included.append(cid)
         if len(report.included) < report.threshold:

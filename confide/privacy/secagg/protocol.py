@@ -13,7 +13,8 @@ client still in the round and one reply back (formats: :mod:`confide.privacy.sec
 ``share_keys``
     The coordinator forwards to each client the keys of its neighbours that answered. The
     client draws a self-mask seed ``b``, Shamir-shares ``b`` and its mask private key ``s_sk``
-    among those neighbours (threshold ``t``), seals each neighbour's pair of shares with
+    among those neighbours and itself (threshold ``t``; it keeps its own share, Bonawitz
+    Fig. 4, so ``t`` survivors counting itself suffice), seals each neighbour's pair of shares with
     AES-GCM under a key from X25519(c) + HKDF, and sends the sealed shares plus a SHA-256
     commitment to ``b``. [Round 1]
 ``masked_input``
@@ -25,11 +26,11 @@ client still in the round and one reply back (formats: :mod:`confide.privacy.sec
 ``unmask``
     The coordinator tells each surviving client which of its neighbours' inputs are in the
     sum (alive) and which neighbours dropped after sharing keys. The client returns its
-    shares of ``b`` for the alive and of ``s_sk`` for the dropped, never both for one client
-    (the invariant that protects every input). The coordinator reconstructs the seeds, checks
-    them against the commitments and public keys, strips the self masks of the alive and the
-    pairwise masks the alive shared with the dropped, and obtains exactly
-    ``sum_{alive} x`` mod 2^b. [Rounds 3-4]
+    shares of ``b`` for the alive (its own included) and of ``s_sk`` for the dropped, never
+    both for one client (the invariant that protects every input). The coordinator
+    reconstructs the seeds, checks them against the commitments and public keys, strips the
+    self masks of the alive and the pairwise masks the alive shared with the dropped, and
+    obtains exactly ``sum_{alive} x`` mod 2^b. [Rounds 3-4]
 
 The coordinator's side is :class:`SecAggServer`, one method per stage; the client's is
 :class:`SecAggClient`, one method per stage (or :meth:`SecAggClient.handle`, which dispatches
@@ -58,6 +59,7 @@ import numpy as np
 from confide.exceptions import ConfigError, ProtocolError, RoundFailedError
 from confide.privacy.secagg import primitives as crypto
 from confide.privacy.secagg.graph import harary_graph
+from confide.privacy.secagg.metadata import META_FIELDS, encode_meta, meta_scale
 from confide.privacy.secagg.quantisation import Quantiser, check_capacity
 from confide.privacy.secagg.wire import (
     SEALED_SHARE_BYTES,
@@ -79,6 +81,9 @@ from confide.privacy.secagg.wire import (
 
 __all__ = [
     "STAGES",
+    "META_FIELDS",
+    "encode_meta",
+    "meta_scale",
     "INPUT_FLOATS",
     "INPUT_INTEGERS",
     "Contribution",
@@ -97,6 +102,14 @@ INPUT_FLOATS = 0
 INPUT_INTEGERS = 1
 
 _SEED, _KEY = 0, 1
+#: the fewest live clients a round runs with. Two is the least with which the coordinator
+#: learns a sum rather than an input (t >= 2, so no lone input is ever unmasked). At n = 2 each
+#: client can subtract its own input from the released sum and learn the other's: Bonawitz
+#: et al. 2017's model protects inputs from the coordinator (and from up to t - 1 colluders),
+#: not a client from the aggregate it receives, so n = 2 is within the model; operators who
+#: want more run with cohort.min_clients >= 3 (and central or distributed DP noise blurs
+#: what the aggregate reveals).
+MIN_CLIENTS = 2
 _UNMASK_ENTRY = 8 + 1 + crypto.SHARE_BYTES
 _PURPOSE_MASK = b"pairwise-mask"
 _PURPOSE_CHANNEL = b"share-channel"
@@ -122,6 +135,10 @@ class Contribution:
     update: np.ndarray
     weight: int = 1
     aux: tuple[np.ndarray, ...] = ()
+    #: the round's metadata, summed inside the masked vector so the coordinator learns only
+    #: sums: ``(examples, steps, train_loss)`` (:data:`META_FIELDS`); empty: none
+    meta: tuple[float, ...] = ()
+
 
 
 # --------------------------------------------------------------------------- client
@@ -152,6 +169,7 @@ class SecAggClient:
         self._own_public: tuple[bytes, bytes] = (b"", b"")
         self._held: dict[int, tuple[int, int]] = {}
         self._seed = b""
+        self._own_share = (0, 0)
         self._done = False
 
     # -- helpers
@@ -230,9 +248,12 @@ class SecAggClient:
         keys = [k for pair in peers.values() for k in pair]
         if len(set(keys)) != len(keys) or set(self._own_public) & set(keys):
             raise ProtocolError(f"client {self.client_id}: neighbours' public keys repeat")
-        if len(peers) < setup.threshold:
+        # The client holds one share of its own secrets (Bonawitz et al. 2017, Fig. 4, Round
+        # 1: shares for every v in U_1, u included), so t counts it: t - 1 neighbours suffice.
+        if len(peers) + 1 < setup.threshold:
             raise ProtocolError(f"client {self.client_id}: only {len(peers)} neighbours "
-                                f"advertised keys, fewer than the threshold {setup.threshold}")
+                                f"advertised keys, too few for threshold {setup.threshold} "
+                                "(counting this client's own share)")
         self._peers = peers
         enc_key = crypto.load_private(self._enc_sk)
         shared = {peer: crypto.agree(enc_key, peers[peer][0]) for peer in peers}
@@ -240,10 +261,13 @@ class SecAggClient:
         self._inbound = {peer: self._channel_key(s, sender=peer, recipient=self.client_id)
                          for peer, s in shared.items()}
         self._seed = crypto.new_seed()
-        holders = sorted(peers)
+        holders = sorted([*peers, self.client_id])
         seed_shares = crypto.split_secret(self._seed, threshold=setup.threshold, holders=holders)
         key_shares = crypto.split_secret(self._mask_sk, threshold=setup.threshold,
                                          holders=holders)
+        # Its own share stays here; only the share of b is ever sent, and only in unmask.
+        self._own_share = (seed_shares.pop(self.client_id), key_shares.pop(self.client_id))
+        holders.remove(self.client_id)
         parts = [crypto.commit_seed(self._seed, self._ctx), struct.pack(">I", len(holders))]
         for peer in holders:
             key = self._channel_key(shared[peer], sender=self.client_id, recipient=peer)
@@ -295,12 +319,12 @@ class SecAggClient:
             raise ProtocolError(f"client {self.client_id}: only {len(held)} neighbours' shares "
                                 f"arrived intact, too few for threshold {setup.threshold}; "
                                 "refusing to send an input that could be unmasked alone")
-        self._held = held
+        self._held = {**held, self.client_id: self._own_share}
         words = self._encode(contribution, setup)
         bits = setup.bits
         crypto.add_mask(words, self._seed, bits, sign=+1)
         mask_key = crypto.load_private(self._mask_sk)
-        for peer in sorted(held):
+        for peer in sorted(held):  # the pairwise masks: neighbours only, never itself
             shared = crypto.agree(mask_key, self._peers[peer][1])
             seed = crypto.derive_key(shared, context=self._ctx, purpose=_PURPOSE_MASK,
                                      first=min(self.client_id, peer),
@@ -314,26 +338,42 @@ class SecAggClient:
         dtype = crypto.mask_dtype(setup.bits)
         if setup.input_mode == INPUT_INTEGERS:
             values = np.asarray(contribution.update)
-            if values.shape != (setup.vector_length - 1,):
-                raise ProtocolError(f"client {self.client_id}: an encoded input has "
-                                    f"{values.size} entries, expected {setup.vector_length - 1}")
+            if values.ndim != 1:
+                raise ProtocolError(f"client {self.client_id}: an encoded input must be flat")
             if (not np.issubdtype(values.dtype, np.integer) and
                     not np.array_equal(values, np.floor(values))):
                 raise ProtocolError(f"client {self.client_id}: an encoded input must be integer")
             ints = np.mod(values.astype(np.int64), 1 << setup.bits)
+            meta = self._meta(contribution, setup, levels=(2 ** (setup.bits - 1) - 1)
+                              // setup.cohort_size)
+            if values.size + 1 + meta.size != setup.vector_length:
+                raise ProtocolError(f"client {self.client_id}: an encoded input has "
+                                    f"{values.size} entries, expected "
+                                    f"{setup.vector_length - 1 - meta.size}")
             out = np.empty(setup.vector_length, dtype=dtype)
-            out[:-1] = ints
-            out[-1] = contribution.weight
+            out[:values.size] = ints
+            out[values.size] = contribution.weight
+            out[values.size + 1:] = meta
             return out
         quantiser = Quantiser(bits=setup.bits, clipping_range=setup.clipping_range,
                               max_weight=setup.max_weight, cohort_size=setup.cohort_size)
         words = quantiser.encode(np.asarray(contribution.update), contribution.weight,
                                  [np.asarray(a) for a in contribution.aux], self.rng)
+        meta = self._meta(contribution, setup, levels=quantiser.levels)
+        if meta.size:
+            words = np.concatenate([words, quantiser.embed(meta)])
         if words.shape[0] != setup.vector_length:
             raise ProtocolError(f"client {self.client_id}: its contribution has "
                                 f"{words.shape[0]} entries, the round expects "
                                 f"{setup.vector_length}")
         return words
+
+    def _meta(self, contribution: Contribution, setup: SetupBody, *,
+              levels: int) -> np.ndarray:
+        if not contribution.meta:
+            return np.zeros(0, dtype=np.int64)
+        return encode_meta(contribution.meta, levels=levels, max_weight=setup.max_weight,
+                           rng=self.rng)
 
     # -- stage 4
     def unmask(self, message: bytes) -> bytes:
@@ -344,16 +384,18 @@ class SecAggClient:
         dropped = reader.ids(limit=len(self._held), what="dropped neighbours")
         reader.done()
         # Bonawitz et al. 2017, §4 Round 4: never reveal both shares of one client.
-        if set(alive) & set(dropped):
+        if set(alive) & set(dropped) or self.client_id in dropped:
             raise ProtocolError(f"client {self.client_id}: the coordinator asked for both "
                                 "shares of one client; refusing")
         unknown = (set(alive) | set(dropped)) - set(self._held)
         if unknown:
             raise ProtocolError(f"client {self.client_id}: asked for shares it does not hold "
                                 f"(clients {sorted(unknown)[:5]})")
-        if len(alive) + 1 < setup.threshold:
-            raise ProtocolError(f"client {self.client_id}: only {len(alive)} neighbours are "
-                                f"said to be alive, fewer than the threshold {setup.threshold}")
+        survivors = len(set(alive) | {self.client_id})
+        if survivors < setup.threshold:
+            raise ProtocolError(f"client {self.client_id}: only {survivors} clients (itself "
+                                f"included) are said to be alive, fewer than the threshold "
+                                f"{setup.threshold}")
         parts = [struct.pack(">I", len(alive) + len(dropped))]
         for owner in alive:
             parts.append(owner.to_bytes(8, "big") + bytes([_SEED])
@@ -365,6 +407,7 @@ class SecAggClient:
         self._done = True
         self._seed = self._mask_sk = self._enc_sk = b""
         self._held, self._inbound = {}, {}
+        self._own_share = (0, 0)
         return self._reply(MessageKind.UNMASK, b"".join(parts))
 
     def _setup(self) -> SetupBody:
@@ -385,8 +428,9 @@ def _check_setup(setup: SetupBody, client_id: int) -> None:
     problems = []
     if client_id in setup.neighbours:
         problems.append("the client is its own neighbour")
-    if not 2 <= setup.threshold <= k:
-        problems.append(f"threshold {setup.threshold} is not in [2, {k}] for {k} neighbours")
+    if not 2 <= setup.threshold <= k + 1:  # k neighbours' shares plus the client's own
+        problems.append(f"threshold {setup.threshold} is not in [2, {k + 1}] for {k} "
+                        "neighbours")
     if not 8 <= setup.bits <= 62:
         problems.append(f"bit width {setup.bits} is not in [8, 62]")
     if setup.input_mode not in (INPUT_FLOATS, INPUT_INTEGERS):
@@ -445,17 +489,18 @@ class SecAggServer:
         ids = sorted(int(c) for c in cohort)
         if len(set(ids)) != len(ids) or any(not 0 <= c < SERVER_ID for c in ids):
             raise ValueError("cohort ids must be distinct u64 values")
-        if len(ids) < 3:
-            raise RoundFailedError(f"secure aggregation needs at least 3 clients, the round "
-                                   f"has {len(ids)}")
+        if len(ids) < MIN_CLIENTS:
+            raise RoundFailedError(f"secure aggregation needs at least {MIN_CLIENTS} live "
+                                   f"clients, the round has {len(ids)}")
         self.cohort = ids
         self.server_round = server_round
         self.session = os.urandom(SESSION_BYTES)
         self.graph = harary_graph(ids, degree)
         min_degree = min(len(v) for v in self.graph.values())
-        if not 2 <= threshold <= min_degree:
-            raise RoundFailedError(f"threshold {threshold} is not in [2, {min_degree}] for a "
-                                   f"neighbourhood of {min_degree} in a {len(ids)}-client cohort")
+        if not 2 <= threshold <= min_degree + 1:  # t counts each client's own share
+            raise RoundFailedError(f"threshold {threshold} is not in [2, {min_degree + 1}] for "
+                                   f"a neighbourhood of {min_degree} among {len(ids)} live "
+                                   "clients")
         self.threshold = threshold
         self.bits = bits
         self.vector_length = vector_length
@@ -510,11 +555,13 @@ class SecAggServer:
         return open_message(msg, kind=kind, session=self.session,
                             server_round=self.server_round, sender=cid, recipient=SERVER_ID)
 
-    def _require(self, count: int, what: str) -> None:
+    def _require(self, count: int, what: str, *, live: int | None = None) -> None:
         if count < self.threshold:
+            answered = "" if live is None else f" ({live} of {len(self.cohort)} answered)"
             raise RoundFailedError(
-                f"secure aggregation, round {self.server_round}: {count} {what}, fewer than "
-                f"the threshold {self.threshold}; the round is aborted and no sum is released")
+                f"secure aggregation, round {self.server_round}: {count} {what}{answered}, "
+                f"fewer than the threshold {self.threshold}; the round is aborted and no sum "
+                "is released")
 
     # -- stage 1: advertise keys
     def advertise_keys(self) -> dict[int, bytes]:
@@ -547,13 +594,14 @@ class SecAggServer:
         # and repeat, since that shrinks its neighbours' neighbourhoods too.
         live = set(keys)
         while True:
-            short = {c for c in live if len(set(self.graph[c]) & live) < self.threshold}
+            short = {c for c in live if len(set(self.graph[c]) & live) + 1 < self.threshold}
             if not short:
                 break
             for c in short:
                 self.result.dropped.setdefault(c, "share_keys: too few neighbours advertised")
             live -= short
-        self._require(len(live), "clients advertised keys")
+        self._require(len(live), "clients advertised keys and have enough live neighbours",
+                      live=len(keys))
         self._keys = {c: keys[c] for c in sorted(live)}
         self._requested = sorted(live)
         self._stage = "share_keys"
@@ -660,7 +708,7 @@ class SecAggServer:
         requests = {}
         for cid in alive:
             m = self._mask_sets[cid]
-            ask_alive = sorted(m & alive_set)
+            ask_alive = sorted((m & alive_set) | {cid})  # its own share of b too
             ask_dropped = sorted(m & dropped_set)
             self._unmask_requests[cid] = (ask_alive, ask_dropped)
             body = encode_ids(ask_alive) + encode_ids(ask_dropped)

@@ -72,7 +72,7 @@ def make_round(n: int, dim: int, *, seed: int = 0, bits: int = 32, num_aux: int 
     rng = np.random.default_rng(seed)
     if ids is None:
         ids = sorted(int(i) for i in rng.choice(10 * n + 10, size=n, replace=False))
-    k, t = graph_parameters(n, dropout_rate=dropout, corrupt_rate=0.05)
+    k, t = graph_parameters(n, dropout_rate=dropout, corrupt_rate=0.05) if n >= 3 else (1, 2)
     degree = degree if degree is not None else k
     threshold = threshold if threshold is not None else t
     q = Quantiser(bits=bits, clipping_range=2.0, max_weight=max_weight, cohort_size=n)

@@ -97,7 +97,7 @@ def test_too_few_survivors_abort_the_round():
 
 @pytest.mark.parametrize("overrides, error", [
     (["secure_aggregation.threshold=6", "secure_aggregation.neighbours=4"], "exceeds"),
-    (["cohort.size=2"], "at least 3"),
+    (["cohort.size=1"], "at least 2"),
     (["secure_aggregation.bits=10", "secure_aggregation.max_weight=100"], "too small"),
     (["secure_aggregation.dropout_tolerance=0.8", "secure_aggregation.corruption_tolerance=0.2"],
      "exceeds 0.9"),
