@@ -41,9 +41,8 @@ from confide.privacy.secagg.protocol import (
     STAGES,
     Contribution,
     SecAggClient,
-    SecAggResult,
-    SecAggServer,
 )
+from confide.privacy.secagg.protocol_server import SecAggResult, SecAggServer
 from confide.privacy.secagg.transport import (
     InProcessMessagePath,
     MessagePath,

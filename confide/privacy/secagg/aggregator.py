@@ -47,8 +47,8 @@ from confide.privacy.secagg.protocol import (
     STAGES,
     Contribution,
     SecAggClient,
-    SecAggServer,
 )
+from confide.privacy.secagg.protocol_server import SecAggServer
 from confide.privacy.secagg.quantisation import Quantiser, centred_lift, check_capacity
 from confide.privacy.secagg.transport import InProcessMessagePath, run_secure_aggregation
 from confide.round import Aggregate, Aggregator, ClientResult, ResultBatch

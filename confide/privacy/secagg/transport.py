@@ -19,9 +19,8 @@ from confide.privacy.secagg.protocol import (
     STAGES,
     Contribution,
     SecAggClient,
-    SecAggResult,
-    SecAggServer,
 )
+from confide.privacy.secagg.protocol_server import SecAggResult, SecAggServer
 
 __all__ = ["MessagePath", "InProcessMessagePath", "run_secure_aggregation"]
 
