@@ -27,7 +27,7 @@ def test_section_names_are_printed_as_written(tmp_path, capsys):
     assert code == 2
     assert_one_line_error(code, err)
     assert err.strip() == ("error: unknown key run.round (did you mean run.rounds?); allowed "
-                           "keys in [run]: eval_every, rounds, seed")
+                           "keys in [run]: eval_every, rounds, seed, trackers")
 
 
 def test_section_in_a_job_file_is_printed_as_written(tmp_path, capsys):
