@@ -53,7 +53,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from confide.exceptions import ConfideError, ConfigError, SecurityError
 from confide.server.ca import Federation, same_public_key
-from confide.server.enrolment import ClientRecord, EnrolmentAuthority, Registry
+from confide.server.enrolment import (
+    ClientRecord,
+    EnrolmentAuthority,
+    Registry,
+    parse_enrolment_request,
+)
 from confide.server.tls_stream import PlainStream, Stream, TLSStream
 
 __all__ = ["Gateway", "GatewayLimits", "FLEET_ROUTES", "server_tls_context"]
@@ -549,17 +554,13 @@ class Gateway:
 
     # ------------------------------------------------------------------ enrolment
     def _enrol(self, body: bytes) -> _Response:
+        try:  # the one decoder of enrolment requests (bounded, fuzzed; nested JSON included)
+            request = parse_enrolment_request(body)
+        except SecurityError as exc:
+            return _error(400, f"malformed enrolment request: {exc}")
         try:
-            request = json.loads(body)
-            token, csr = str(request["token"]), str(request["csr"]).encode("ascii")
-            name = request.get("name")
-            if name is not None and not isinstance(name, str):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError,
-                AttributeError):
-            return _error(400, "malformed enrolment request")
-        try:
-            result = self.authority.enrol(token=token, csr_pem=csr, requested_name=name)
+            result = self.authority.enrol(token=request.token, csr_pem=request.csr_pem,
+                                          requested_name=request.name)
         except ConfideError as exc:
             self._refuse("enrolment")
             log.info("enrolment refused: %s", exc)

@@ -131,6 +131,11 @@ def test_admitted_enrolment_within_the_limit_is_served(start_gateway, fed_dir):
     assert res.status_code == 400 and "malformed" in res.json()["error"]
     res = httpx.get(f"https://127.0.0.1:{gw.bound_port}/confide/v1/ca", verify=ctx)
     assert res.status_code == 200 and res.content == load_federation(fed_dir).ca_pem()
+    # deeply nested JSON within the limit (RecursionError in a naive json.loads) is a 400
+    nested = b"[" * 60_000 + b"]" * 60_000
+    res = httpx.post(f"https://127.0.0.1:{gw.bound_port}/confide/v1/enrol",
+                     content=nested[:64 * 1024 - 1], verify=ctx)
+    assert res.status_code == 400 and "malformed" in res.json()["error"]
 
 
 # ------------------------------------------------------------- memory while 100 MB is pushed
