@@ -217,8 +217,13 @@ def discover_nodes(grid: Grid, *, expected: int, timeout: float,
     while pending and time.monotonic() < deadline + timeout:
         for reply in grid.pull_messages(list(pending)):
             node = pending.pop(reply.metadata.reply_to_message_id, None)
-            if node is not None and not reply.has_error():
-                found[node] = dict(reply.content.config_records["confide.hello"].items())
+            if node is None or reply.has_error():
+                continue
+            record = reply.content.config_records.get("confide.hello")
+            if record is None:  # a peer's malformed reply: that node is not discovered
+                log.warning("node %s answered hello without its record; ignored", node)
+                continue
+            found[node] = dict(record.items())
         if pending:
             time.sleep(poll_interval)
     return found
