@@ -42,6 +42,7 @@ from confide.privacy.mechanisms import (
     AdaptiveClipping,
     GaussianMechanism,
     l2_clip_rows,
+    require_clipped_sum,
     split_noise_multiplier,
 )
 from confide.seeding import derive_seed
@@ -184,14 +185,9 @@ class CentralDP(LedgeredPrivacy):
 
     # ------------------------------------------------------------------ step 6 (server)
     def process_aggregate(self, aggregate: Aggregate, server_round: int) -> Aggregate:  # noqa: D102
-        if aggregate.aux_sum:
-            raise PrivacyError(
-                "this strategy sends auxiliary vectors (" + ", ".join(sorted(aggregate.aux_sum))
-                + ") that client-level DP neither clips nor noises; use a strategy without "
-                "them (fedavg, fedavgm, fedprox, fedadam, ...) with privacy.mode = 'central'")
-        if aggregate.robust_update is not None:
-            raise PrivacyError("robust aggregators see individual updates; they cannot be "
-                               "combined with client-level DP")
+        require_clipped_sum(aggregate, mechanism="client-level DP", advice=(
+            "a strategy without them (fedavg, fedavgm, fedprox, fedadam, ...) with "
+            "privacy.mode = 'central'"))
         total = aggregate.update_sum
         indicator_sum = 0.0
         if self.adaptive is not None:

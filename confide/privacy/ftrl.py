@@ -56,7 +56,7 @@ from confide.privacy.ftrl_noise import (
 )
 from confide.privacy.ftrl_tree import TreeAggregation
 from confide.privacy.ledger import POPULATION, LedgeredPrivacy
-from confide.privacy.mechanisms import l2_clip
+from confide.privacy.mechanisms import l2_clip, require_clipped_sum
 
 if TYPE_CHECKING:
     from confide.config import Config
@@ -340,14 +340,8 @@ class DPFTRL(LedgeredPrivacy):
             self.mechanism.step()
 
     def process_aggregate(self, aggregate: Aggregate, server_round: int) -> Aggregate:  # noqa: D102
-        if aggregate.aux_sum:
-            raise PrivacyError(
-                "this strategy sends auxiliary vectors (" + ", ".join(sorted(aggregate.aux_sum))
-                + ") that DP-FTRL neither clips nor noises; use a sum-based strategy without "
-                "them (fedavg, fedavgm, fedprox, fedadam, ...)")
-        if aggregate.robust_update is not None:
-            raise PrivacyError("robust aggregators see individual updates; they cannot be "
-                               "combined with DP-FTRL")
+        require_clipped_sum(aggregate, mechanism="DP-FTRL", advice=(
+            "a sum-based strategy without them (fedavg, fedavgm, fedprox, fedadam, ...)"))
         stray = [c for c in aggregate.client_ids if self.last_round.get(int(c)) != server_round]
         if stray:
             raise PrivacyError(f"round {server_round}'s sum holds clients DP-FTRL did not "

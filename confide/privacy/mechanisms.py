@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from confide.exceptions import PrivacyError
 
+if TYPE_CHECKING:
+    from confide.round import Aggregate
+
 __all__ = [
+    "require_clipped_sum",
     "l2_clip",
     "gaussian_noise",
     "PrivacyMechanism",
@@ -80,6 +85,22 @@ def l2_clip_rows(rows: torch.Tensor, clip_norm: float) -> torch.Tensor:
     margin = 1.0 - (rows.shape[1] + 2) * torch.finfo(rows.dtype).eps
     factor = torch.where(norms <= c, torch.ones_like(norms), (c / norms) * margin)
     return (v64 * factor).to(rows.dtype)
+
+
+def require_clipped_sum(aggregate: Aggregate, *, mechanism: str, advice: str) -> None:
+    """Refuse to privatise a sum whose sensitivity the clip does not bound.
+
+    Auxiliary vectors (SCAFFOLD's ``delta_c``) are neither clipped nor noised, and a robust
+    aggregator's output depends on individual updates: either would be released without the
+    mechanism's guarantee (McMahan et al. 2018, Sec. 3: the bound is on the clipped sum).
+    """
+    if aggregate.aux_sum:
+        raise PrivacyError(
+            "this strategy sends auxiliary vectors (" + ", ".join(sorted(aggregate.aux_sum))
+            + f") that {mechanism} neither clips nor noises; use {advice}")
+    if aggregate.robust_update is not None:
+        raise PrivacyError("robust aggregators see individual updates; they cannot be "
+                           f"combined with {mechanism}")
 
 
 def gaussian_noise(like: torch.Tensor, std: float, *, generator: torch.Generator | None
