@@ -150,7 +150,8 @@ def flops_per_sample(model_name: str, data: Path, batch: int, device: torch.devi
     return counter.get_total_flops() / batch
 
 
-def variants(device: str, include_compile: bool, world_size: int) -> list[tuple[str, list[str]]]:
+def variants(device: str, include_compile: bool, world_size: int,
+             unfold: bool = False) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = [("sequential", ["simulation.executor='sequential'"])]
     vec = ["simulation.executor='vectorized'"]
     eager = [*vec, "simulation.compile='off'"]
@@ -170,6 +171,9 @@ def variants(device: str, include_compile: bool, world_size: int) -> list[tuple[
             out.append((f"vectorized bf16 + CUDA graphs x{world_size} ranks",
                         [*bf16, "simulation.compile='cuda-graphs'",
                          f"simulation.world_size={world_size}"]))
+    if unfold:  # the same vectorized variants with every convolution as unfold + bmm
+        out += [(f"{label} [unfold]", [*extra, "simulation.conv_lowering='unfold'"])
+                for label, extra in list(out) if label.startswith("vectorized")]
     out.append(("flower", ["simulation.executor='flower'"]))
     return out
 
@@ -412,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-size", type=int, default=1,
                     help="also run the vectorized executor over this many GPUs")
     ap.add_argument("--no-conv-table", action="store_true")
+    ap.add_argument("--unfold", action="store_true",
+                    help="add each vectorized variant with simulation.conv_lowering='unfold'")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     ap.add_argument("--out", default=None, help="results path without suffix")
     args = ap.parse_args(argv)
@@ -457,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "flops_per_sample": fps, "samples_per_client": samples,
                                  "results": []}
             base = workload_overrides(name, data, population, cohort, args.device, args.rounds)
-            for label, extra in variants(args.device, args.compile, args.world_size):
+            for label, extra in variants(args.device, args.compile, args.world_size,
+                                          args.unfold):
                 if wanted is not None and label not in wanted:
                     continue
                 print(f"-- {label}", flush=True)

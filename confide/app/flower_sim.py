@@ -183,7 +183,11 @@ class FlowerSimulationExecutor(SimulationExecutor):
             self._start()
         if not self._errors.empty():
             raise RoundFailedError(f"Flower's simulation engine stopped: {self._errors.get()}")
-        return self._executor.run_cohort(tasks)
+        outcome = self._executor.run_cohort(tasks)
+        # Flower's messages arrive on the host; the coordinator keeps the model on ctx.device
+        # (a GPU when the virtual clients train there).
+        return CohortOutcome(outcome.batch.to(self.context.device), outcome.failures,
+                             outcome.reduced)
 
     def close(self) -> None:  # noqa: D102
         self._stop.set()
