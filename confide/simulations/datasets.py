@@ -69,12 +69,30 @@ def _stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Genera
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _digits(seed: int, test_fraction: float) -> FederatedDataset:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's embedded digits (UCI optdigits test set): 1,797 8x8 images, 0..16.
+
+    The CSV is read from scikit-learn's package folder without importing scikit-learn, whose
+    import (scipy.stats and all) is most of a small job's start-up on a busy 2-core machine;
+    :func:`sklearn.datasets.load_digits` reads the same file (``tests/simulations`` checks
+    they agree) and is the fallback if the file moved.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+            return table[:, :-1], table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int64)
+    return bunch.data, bunch.target
+
+
+def _digits(seed: int, test_fraction: float) -> FederatedDataset:
+    data, target = _digits_arrays()
+    x = (data / 16.0).astype(np.float32)
+    y = target.astype(np.int64)
     train, test = _stratified_split(y, test_fraction, np.random.default_rng([seed, 11]))
     return FederatedDataset("digits", x[train], y[train], x[test], y[test], 10)
 

@@ -71,3 +71,16 @@ def test_pickled_npz_is_refused(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown dataset 'mnist'; available"):
         load_dataset("mnist", seed=0)
+
+
+def test_digits_read_without_sklearn_matches_load_digits():
+    """The embedded digits are read from scikit-learn's CSV without importing it; the arrays
+    are exactly what sklearn's own loader returns."""
+    from sklearn.datasets import load_digits
+
+    from confide.simulations.datasets import _digits_arrays
+
+    data, target = _digits_arrays()
+    bunch = load_digits()
+    np.testing.assert_array_equal(data, bunch.data)
+    np.testing.assert_array_equal(target, bunch.target)
