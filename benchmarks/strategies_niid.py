@@ -36,12 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from _resumable import locked, round_seconds, run_or_resume, write_atomic
 
@@ -91,6 +93,8 @@ def setting_key(partition: str, alpha: float, classes: int) -> str:
         return f"dirichlet-{alpha:g}"
     if partition == "shards":
         return f"shards-{classes}"
+    if partition == "label-quantity":
+        return f"label-quantity-{classes}"
     return partition
 
 
@@ -100,6 +104,51 @@ def rounds_to(accuracies: list[float | None], target: float) -> int | None:
         if acc is not None and acc >= target:
             return i
     return None
+
+
+def label_quantity_npz(path: Path, *, clients: int, labels_per_client: int, seed: int) -> Path:
+    """Fashion-MNIST as a user .npz whose ``client_id`` column is NIID-Bench's "#C=k" split.
+
+    The procedure of Li et al. (ICDE 2022, Sec. IV-A, "quantity-based label imbalance") in the
+    order of draws of the NIID-Bench code that Flower's baseline reuses, with one
+    ``numpy.random.default_rng(seed)`` (their ``dataset_seed`` is 42): client ``i`` takes label
+    ``i mod C``, then distinct labels drawn uniformly until it holds ``k``; each label's samples
+    (shuffled by the same generator, in label order) are split evenly, in client order, among
+    the clients holding it. ``confide``'s own ``shards`` partition draws the labels
+    differently, so the same seed gives other label pairs; this mode lets the comparison with
+    the published table use their exact pairs. Pixels stay in [0, 1] (torchvision's
+    ``ToTensor``, as in that baseline).
+    """
+    from confide.simulations.datasets import load_dataset
+
+    fm = load_dataset("fashion-mnist", seed=0, standardize=False)
+    y = fm.y_train
+    num_classes = int(y.max()) + 1
+    rng = np.random.default_rng(seed)
+    holders_of = [0] * num_classes
+    owned: list[list[int]] = []
+    for i in range(clients):
+        mine = [i % num_classes]
+        holders_of[i % num_classes] += 1
+        while len(mine) < labels_per_client:
+            c = int(rng.choice(num_classes, 1)[0])
+            if c not in mine:
+                mine.append(c)
+                holders_of[c] += 1
+        owned.append(mine)
+    client_id = np.full(len(y), -1, dtype=np.int64)
+    for c in range(num_classes):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        chunks = iter(np.array_split(idx, holders_of[c]))
+        for j in range(clients):
+            if c in owned[j]:
+                client_id[next(chunks)] = j
+    keep = client_id >= 0  # a label nobody drew (possible when clients < classes) is dropped
+    np.savez(path, x=fm.x_train[keep], y=y[keep], client_id=client_id[keep],
+             x_test=fm.x_test, y_test=fm.y_test)
+    print(f"label-quantity partition (seed {seed}): labels per client {owned}", flush=True)
+    return path
 
 
 def make_row(strategy: str, options: dict[str, Any], history: list[dict[str, Any]],
@@ -191,7 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=None, help="default 50 (1 with --quick)")
     ap.add_argument("--executor", default="sequential")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--partition", choices=["shards", "dirichlet", "iid"], default="shards")
+    ap.add_argument("--partition", choices=["shards", "dirichlet", "iid", "label-quantity"],
+                    default="shards", help="label-quantity: NIID-Bench's own #C=k procedure and "
+                    "seed (--partition-seed), through a .npz natural partition")
+    ap.add_argument("--partition-seed", type=int, default=42,
+                    help="label-quantity: NIID-Bench's dataset_seed (42 in Flower's baseline)")
     ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     ap.add_argument("--classes-per-client", type=int, default=2, help="for shards")
     ap.add_argument("--strategies", default=",".join(STRATEGIES),
@@ -230,8 +283,18 @@ def main(argv: list[str] | None = None) -> None:
             "cohort.size=10", f"data.partition={_toml(args.partition)}",
             f"data.alpha={args.alpha}", f"data.classes_per_client={args.classes_per_client}",
             *args.set]
+    if args.partition == "label-quantity":
+        npz = label_quantity_npz(
+            Path(tempfile.mkdtemp(prefix="niid-lq-")) / "fmnist-label-quantity.npz",
+            clients=10, labels_per_client=args.classes_per_client, seed=args.partition_seed)
+        base = [b for b in base if not b.startswith("data.partition=")]
+        base += [f"data.path={_toml(str(npz))}", "data.partition='natural'",
+                 "data.standardize=false"]
     key = setting_key(args.partition, args.alpha, args.classes_per_client)
-    published = PUBLISHED.get(key, {})
+    if args.partition == "label-quantity":
+        key += f"-seed{args.partition_seed}"
+    # the published #C=k row is the label-quantity procedure (seed 42) that shards imitates
+    published = PUBLISHED.get(key.replace("label-quantity", "shards").split("-seed")[0], {})
 
     meta = {"rounds": rounds, "epochs": epochs, "executor": args.executor,
             "device": args.device, "seed": args.seed, "extra_overrides": args.set,
