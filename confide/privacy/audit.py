@@ -153,6 +153,11 @@ def gaussian_fit_epsilon(in_scores: np.ndarray, out_scores: np.ndarray, *, delta
 class AuditResult:
     """What ``confide audit`` reports."""
 
+    #: the audited ``privacy.mode`` and its mechanism in words
+    mechanism: str
+    description: str
+    #: ``client`` (canary clients) or ``gradient`` (canary examples, Dirac gradients)
+    canary_kind: str
     canaries: int
     included: int
     rounds: int
@@ -168,7 +173,7 @@ class AuditResult:
     mean_score_included: float
     mean_score_excluded: float
 
-    def to_dict(self) -> dict[str, float | int | None]:
+    def to_dict(self) -> dict[str, float | int | str | None]:
         """JSON-safe (infinite values become None)."""
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in asdict(self).items()}
