@@ -27,21 +27,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from confide.app.audit_mechanisms import MECHANISM_NAMES, build_client_level
+from confide.app.audit_dpsgd import run_example_audit
+from confide.app.audit_mechanisms import MECHANISM_NAMES, audit_result, build_client_level
 from confide.client.pipeline import ClientPipeline, StageContext
 from confide.config import Config, PrivacyConfig
 from confide.exceptions import ConfigError
-from confide.privacy.audit import (
-    AuditResult,
-    canary_direction,
-    gaussian_fit_epsilon,
-    guess_epsilon_lower_bound,
-)
+from confide.privacy.audit import AuditResult, canary_direction
 from confide.round import ClientTask, CohortOutcome, Executor, ResultBatch, column
 from confide.seeding import derive_rng, derive_seeds
 from confide.strategies.registry import get_strategy
 
-__all__ = ["CanaryExecutor", "run_canary_audit", "audit_result"]
+__all__ = ["CanaryExecutor", "run_canary_audit"]
 
 #: a canary's update is this many clip norms long, so clipping always binds
 CANARY_SCALE = 1e3
@@ -130,8 +126,6 @@ def run_canary_audit(config: Config, *, canaries: int = 1000, confidence: float 
     _check(config, canaries, confidence)
     p = config.privacy
     if p.mode == "dp-sgd":
-        from confide.app.audit_dpsgd import run_example_audit
-
         return run_example_audit(config, canaries=canaries, confidence=confidence)
     _refuse_robust_strategy(config)
     seed = config.run.seed
@@ -176,24 +170,3 @@ def run_canary_audit(config: Config, *, canaries: int = 1000, confidence: float 
                         noise_multiplier=audited.noise_multiplier,
                         sample_rate=audited.sample_rate, delta=p.delta, confidence=confidence,
                         epsilon_accountant=audited.epsilon())
-
-
-def audit_result(*, mechanism: str, canary_kind: str, scores: np.ndarray,
-                 included: np.ndarray, rounds: int, noise_multiplier: float,
-                 sample_rate: float, delta: float, confidence: float,
-                 epsilon_accountant: float) -> AuditResult:
-    """The one-run statistics of ``scores`` (Steinke et al. 2023, Theorem 5.2) beside the
-    accountant's epsilon.
-    """
-    eps_lb, guesses, correct = guess_epsilon_lower_bound(scores, included, delta=delta,
-                                                         confidence=confidence)
-    return AuditResult(
-        mechanism=mechanism, description=MECHANISM_NAMES[mechanism], canary_kind=canary_kind,
-        canaries=len(scores), included=int(included.sum()), rounds=rounds,
-        noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta,
-        confidence=confidence, epsilon_accountant=epsilon_accountant,
-        epsilon_lower_bound=eps_lb, guesses=guesses, correct=correct,
-        epsilon_estimate=gaussian_fit_epsilon(scores[included], scores[~included],
-                                              delta=delta),
-        mean_score_included=float(scores[included].mean()) if included.any() else 0.0,
-        mean_score_excluded=float(scores[~included].mean()) if (~included).any() else 0.0)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from confide.app.audit_mechanisms import AuditedDPSGD
+from confide.app.audit_mechanisms import AuditedDPSGD, audit_result
 from confide.client.pipeline import ClientPipeline
 from confide.config import Config, PrivacyConfig
 from confide.exceptions import ConfigError
@@ -70,14 +70,15 @@ class DiracCanaries:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for e in self.layout:
-                params[e.name].grad_sample[rows] = 0  # type: ignore[index]
+                getattr(params[e.name], "grad_sample")[rows] = 0  # noqa: B009 - Opacus's
             for r in rows:
                 j = int(round(float(flat[r, 1]) * INDEX_SCALE))
                 if not self.included[j]:
                     continue
                 k = int(self.coords[j])
                 e = self.layout[int(np.searchsorted(self._starts, k, side="right")) - 1]
-                params[e.name].grad_sample[r].view(-1)[k - e.start] = self.scale  # type: ignore[index]
+                row = getattr(params[e.name], "grad_sample")[r]  # noqa: B009
+                row.view(-1)[k - e.start] = self.scale
 
 
 def quiet_coordinates(model: nn.Module, params: torch.Tensor, x: torch.Tensor,
@@ -106,7 +107,6 @@ def quiet_coordinates(model: nn.Module, params: torch.Tensor, x: torch.Tensor,
 
 def run_example_audit(config: Config, *, canaries: int, confidence: float) -> AuditResult:
     """Train ``config``'s DP-SGD federation with ``canaries`` canary examples and audit it."""
-    from confide.app.audit import audit_result
     from confide.app.simulate import build_simulation
 
     p, seed = config.privacy, config.run.seed

@@ -13,11 +13,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+
 from confide.config import Config
 from confide.exceptions import ConfigError
 from confide.privacy.accounting import calibrate_noise_multiplier
+from confide.privacy.audit import AuditResult, gaussian_fit_epsilon, guess_epsilon_lower_bound
 from confide.privacy.base import RoundPrivacy
 from confide.privacy.central import CentralDP
 from confide.privacy.distributed import DistributedDP, rounded_l2_bound, scale_for_bits
@@ -28,7 +31,8 @@ from confide.privacy.mechanisms import AdaptiveClipping
 from confide.round import ResultBatch
 from confide.seeding import derive_rng, derive_seed
 
-__all__ = ["AuditedMechanism", "build_client_level", "AuditedDPSGD", "MECHANISM_NAMES"]
+__all__ = ["AuditedMechanism", "build_client_level", "AuditedDPSGD", "MECHANISM_NAMES",
+           "audit_result"]
 
 #: what the audit result calls each mode's mechanism
 MECHANISM_NAMES = {
@@ -196,8 +200,8 @@ def build_client_level(config: Config, *, num_real: int, canaries: int, dim: int
     if p.mode == "dp-ftrl":
         # from_config refuses z = 0: build with z = 1, then silence the noise below.
         placeholder = replace(p, noise_multiplier=1.0) if p.noise_multiplier == 0 else p
-        ftrl = _AuditedDPFTRL.from_config(config.replace(privacy=placeholder),
-                                          num_clients=num_real)
+        ftrl = cast(_AuditedDPFTRL, _AuditedDPFTRL.from_config(
+            config.replace(privacy=placeholder), num_clients=num_real))
         z = 0.0 if p.noise_multiplier == 0 else ftrl.noise_multiplier
         ftrl.noiseless = z == 0
         ftrl.noise_multiplier = z
@@ -218,3 +222,23 @@ def build_client_level(config: Config, *, num_real: int, canaries: int, dim: int
         return AuditedMechanism(p.mode, ftrl, z, 1.0, pattern, lambda: eps)
     raise ConfigError(f"confide audit cannot audit privacy.mode = {p.mode!r}")
 
+
+def audit_result(*, mechanism: str, canary_kind: str, scores: np.ndarray,
+                 included: np.ndarray, rounds: int, noise_multiplier: float,
+                 sample_rate: float, delta: float, confidence: float,
+                 epsilon_accountant: float) -> AuditResult:
+    """The one-run statistics of ``scores`` (Steinke et al. 2023, Theorem 5.2) beside the
+    accountant's epsilon.
+    """
+    eps_lb, guesses, correct = guess_epsilon_lower_bound(scores, included, delta=delta,
+                                                         confidence=confidence)
+    return AuditResult(
+        mechanism=mechanism, description=MECHANISM_NAMES[mechanism], canary_kind=canary_kind,
+        canaries=len(scores), included=int(included.sum()), rounds=rounds,
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta,
+        confidence=confidence, epsilon_accountant=epsilon_accountant,
+        epsilon_lower_bound=eps_lb, guesses=guesses, correct=correct,
+        epsilon_estimate=gaussian_fit_epsilon(scores[included], scores[~included],
+                                              delta=delta),
+        mean_score_included=float(scores[included].mean()) if included.any() else 0.0,
+        mean_score_excluded=float(scores[~included].mean()) if (~included).any() else 0.0)
