@@ -28,7 +28,11 @@ import numpy as np
 import torch
 
 from confide.app.audit_dpsgd import run_example_audit
-from confide.app.audit_mechanisms import MECHANISM_NAMES, audit_result, build_client_level
+from confide.app.audit_mechanisms import (
+    MECHANISM_NAMES,
+    audit_result,
+    build_client_level,
+)
 from confide.client.pipeline import ClientPipeline, StageContext
 from confide.config import Config, PrivacyConfig
 from confide.exceptions import ConfigError
@@ -108,6 +112,10 @@ def _check(config: Config, canaries: int, confidence: float) -> None:
                           "at least 20 (1000 is typical)")
     if not 0 < confidence < 1:
         raise ConfigError(f"--confidence = {confidence} must be in (0, 1)")
+    if config.compression.method != "none":
+        raise ConfigError("confide audit does not audit compressed updates yet (canary "
+                          "clients keep no error-feedback state); set compression.method = "
+                          "'none'")
     if getattr(get_strategy(config.strategy.name), "asynchronous", False):
         raise ConfigError(f"confide audit runs synchronous rounds; strategy "
                           f"{config.strategy.name!r} is asynchronous")

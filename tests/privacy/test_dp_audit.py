@@ -87,6 +87,8 @@ def _sets(*kv: str) -> list[str]:
       "--canaries", "100000"], "trainable parameters"),
     (_sets("privacy.mode='dp-sgd'", "privacy.noise_multiplier=1", "strategy.name='fedbuff'"),
      "is asynchronous"),
+    (_sets("privacy.mode='central'", "privacy.noise_multiplier=1", "compression.method='topk'"),
+     "does not audit compressed updates"),
 ])
 def test_cli_audit_bad_input(args, fragment, capsys):
     code, _, err = run_cli(["audit", *args], capsys)
