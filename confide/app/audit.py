@@ -1,35 +1,45 @@
-"""``confide audit``: the canary audit of client-level DP, run by the real round loop.
+"""``confide audit``: the one-run canary audit of a DP mechanism, run by the real round loop.
 
 The federation is the job's own (:func:`confide.app.simulate.build_simulation`), and the
 rounds are :class:`confide.server.coordinator.Coordinator`'s — the quorum check, the
-rejection of non-finite updates and the privacy ledger apply as in any run. Canary clients
-(Steinke et al. 2023, Sec. 3; Andrew et al. 2024, Sec. 3) join through a wrapping executor:
-each round it adds the sampled, included canaries' rows to the real cohort's batch and runs
-them through the same client pipeline (clipping). Statistics: :mod:`confide.privacy.audit`.
+rejection of non-finite updates and the privacy ledger apply as in any run. Each audited
+mechanism is the mode's own class (:mod:`confide.app.audit_mechanisms`):
+
+* client-level modes (``central``, ``distributed``, ``dp-ftrl``): canary clients (Steinke et
+  al. 2023, Sec. 3; Andrew et al. 2024, Sec. 3) join through a wrapping executor. Each round
+  it adds the scheduled, included canaries' rows to the real cohort's batch and runs them
+  through the mechanism's client pipeline (clipping; for distributed DP also the rotation,
+  rounding, discrete Gaussian share and modular wrap); the coordinator's aggregator (SecAgg+
+  for distributed DP) sums them with the real clients' and the mechanism's server step adds
+  its noise (central, DP-FTRL's correlated noise) or decodes the sum (distributed).
+  Canaries are Poisson-sampled with the clients' rate ``q`` (central, distributed) or follow
+  DP-FTRL's participation pattern (no sampling is claimed there);
+* ``dp-sgd``: canary examples in the clients' data (:mod:`confide.app.audit_dpsgd`).
+
+Statistics: :mod:`confide.privacy.audit`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from confide.app.audit_dpsgd import run_example_audit
+from confide.app.audit_mechanisms import (
+    MECHANISM_NAMES,
+    audit_result,
+    build_client_level,
+)
 from confide.client.pipeline import ClientPipeline, StageContext
 from confide.config import Config, PrivacyConfig
 from confide.exceptions import ConfigError
-from confide.privacy.accounting import calibrate_noise_multiplier, epsilon_of
-from confide.privacy.audit import (
-    AuditResult,
-    canary_direction,
-    gaussian_fit_epsilon,
-    guess_epsilon_lower_bound,
-)
-from confide.privacy.central import CentralDP
-from confide.privacy.mechanisms import AdaptiveClipping
+from confide.privacy.audit import AuditResult, canary_direction
 from confide.round import ClientTask, CohortOutcome, Executor, ResultBatch, column
-from confide.seeding import derive_rng, derive_seed
+from confide.seeding import derive_rng, derive_seeds
+from confide.strategies.registry import get_strategy
 
 __all__ = ["CanaryExecutor", "run_canary_audit"]
 
@@ -38,17 +48,19 @@ CANARY_SCALE = 1e3
 
 
 class CanaryExecutor(Executor):
-    """The real executor, plus the round's sampled canaries (Poisson, rate ``q``)."""
+    """The real executor, plus the round's canaries (``schedule``: Poisson with rate ``q``, or
+    DP-FTRL's participation pattern), each through the mechanism's own client pipeline.
+    """
 
     name = "canary-audit"
 
     def __init__(self, inner: Executor, *, included: np.ndarray, num_real: int, dim: int,
-                 sample_rate: float, clip_norm: float, pipeline: ClientPipeline,
-                 seed: int) -> None:
+                 schedule: Callable[[int, np.ndarray], np.ndarray], clip_norm: float,
+                 pipeline: ClientPipeline, seed: int) -> None:
         self.inner = inner
         self.included = np.flatnonzero(included)
         self.num_real, self.dim = num_real, dim
-        self.sample_rate, self.clip_norm = sample_rate, clip_norm
+        self.schedule, self.clip_norm = schedule, clip_norm
         self.pipeline, self.seed = pipeline, seed
 
     @property
@@ -59,21 +71,24 @@ class CanaryExecutor(Executor):
     def run_cohort(self, tasks: Sequence[ClientTask]) -> CohortOutcome:  # noqa: D102
         outcome = self.inner.run_cohort(tasks)
         rnd = tasks[0].server_round if tasks else 0
-        rng = derive_rng(self.seed, "audit-canaries", rnd)
-        sampled = self.included[rng.random(len(self.included)) < self.sample_rate]
+        sampled = self.schedule(rnd, self.included)
         if not len(sampled):
             return outcome
-        dev = outcome.batch.device
-        dtype = outcome.batch.updates.dtype if len(outcome.batch) else torch.get_default_dtype()
+        real = outcome.batch
+        dev = real.device
         rows = torch.stack([canary_direction(self.seed, int(j), self.dim) for j in sampled])
-        rows = (rows * (CANARY_SCALE * self.clip_norm)).to(device=dev, dtype=dtype)
+        rows = (rows * (CANARY_SCALE * self.clip_norm)).to(torch.get_default_dtype())
         ids = [self.num_real + int(j) for j in sampled]
-        contexts = [StageContext(server_round=rnd, client_id=c, seed=self.seed) for c in ids]
+        # Each canary's stages get their own seed, as a real client's task does (distributed
+        # DP draws its rounding and noise share from it).
+        seeds = derive_seeds(self.seed, "audit-canary-task", rnd, keys=np.asarray(ids))
+        contexts = [StageContext(server_round=rnd, client_id=c, seed=int(s))
+                    for c, s in zip(ids, seeds.tolist(), strict=True)]
         rows = self.pipeline.apply_batch(rows, contexts)
+        rows = rows.to(device=dev, dtype=real.updates.dtype if len(real) else rows.dtype)
         ones = column([1.0] * len(ids), dev)
         canaries = ResultBatch(client_ids=ids, updates=rows, num_examples=ones,
-                               num_steps=ones.clone())
-        real = outcome.batch
+                               num_steps=ones.clone(), info=[dict(c.info) for c in contexts])
         if len(real) and real.metrics:  # canaries report no metrics: keep the layout
             canaries.metrics = {k: torch.full_like(ones, math.nan) for k in real.metrics}
         return CohortOutcome(ResultBatch.concat([real, canaries]), outcome.failures,
@@ -83,28 +98,12 @@ class CanaryExecutor(Executor):
         self.inner.close()
 
 
-class _AuditedCentralDP(CentralDP):
-    """The audited mechanism. With ``z = 0`` (auditing clipping alone) no accountant applies:
-    epsilon is infinite, and the ledger says so instead of refusing the event.
-    """
-
-    def account(self, server_round: int, run_dir: object) -> float | None:  # noqa: D102
-        if self.noise_multiplier == 0:
-            self._pending.clear()
-            return math.inf
-        return super().account(server_round, run_dir)  # type: ignore[arg-type]
-
-
-def run_canary_audit(config: Config, *, canaries: int = 1000, confidence: float = 0.95
-                     ) -> AuditResult:
-    """Train ``config``'s federation with ``canaries`` canary clients and audit it."""
-    from confide.app.simulate import build_simulation
-    from confide.privacy import _refuse_robust_strategy
-
+def _check(config: Config, canaries: int, confidence: float) -> None:
     p = config.privacy
-    if p.mode != "central":
-        raise ConfigError("confide audit checks client-level DP: set privacy.mode = 'central' "
-                          "(privacy.noise_multiplier = 0 audits clipping without noise)")
+    if p.mode not in MECHANISM_NAMES:
+        raise ConfigError("confide audit checks a DP mechanism: set privacy.mode = 'central', "
+                          "'distributed', 'dp-ftrl' or 'dp-sgd' (privacy.noise_multiplier = 0 "
+                          "audits clipping without noise)")
     if p.noise_multiplier is None and p.target_epsilon is None:
         raise ConfigError("confide audit needs privacy.noise_multiplier or "
                           "privacy.target_epsilon")
@@ -113,45 +112,59 @@ def run_canary_audit(config: Config, *, canaries: int = 1000, confidence: float 
                           "at least 20 (1000 is typical)")
     if not 0 < confidence < 1:
         raise ConfigError(f"--confidence = {confidence} must be in (0, 1)")
-    _refuse_robust_strategy(config)
-    seed, rounds = config.run.seed, config.run.rounds
+    if config.compression.method != "none":
+        raise ConfigError("confide audit does not audit compressed updates yet (canary "
+                          "clients keep no error-feedback state); set compression.method = "
+                          "'none'")
+    if getattr(get_strategy(config.strategy.name), "asynchronous", False):
+        raise ConfigError(f"confide audit runs synchronous rounds; strategy "
+                          f"{config.strategy.name!r} is asynchronous")
 
-    # The real federation; its privacy layer is replaced by the audited mechanism below,
-    # sized for the population of real clients and included canaries.
+
+def run_canary_audit(config: Config, *, canaries: int = 1000, confidence: float = 0.95
+                     ) -> AuditResult:
+    """Train ``config``'s federation with ``canaries`` canaries and audit its DP mechanism.
+
+    Client-level modes (central, distributed, dp-ftrl) get canary clients; ``dp-sgd`` gets
+    canary examples with Dirac gradients (:mod:`confide.app.audit_dpsgd`).
+    """
+    from confide.app.simulate import build_aggregator, build_simulation
+    from confide.privacy import _refuse_robust_strategy
+
+    _check(config, canaries, confidence)
+    p = config.privacy
+    if p.mode == "dp-sgd":
+        return run_example_audit(config, canaries=canaries, confidence=confidence)
+    _refuse_robust_strategy(config)
+    seed = config.run.seed
+
+    # The real federation; its privacy layer is replaced by the audited mechanism, sized for
+    # the population of real clients and included canaries (confide.app.audit_mechanisms).
     sim = build_simulation(config.replace(privacy=PrivacyConfig()))
     coord = sim.coordinator
     num_real = len(sim.partitions)
-    q = config.cohort_size() / config.data.num_clients
-    if p.noise_multiplier is not None:
-        z = p.noise_multiplier
-    else:
-        z = calibrate_noise_multiplier(target_epsilon=float(p.target_epsilon),  # type: ignore[arg-type]
-                                       sample_rate=q, steps=rounds, delta=p.delta,
-                                       accountant=p.accountant)
+    params0 = coord.params.detach().clone()
+    dim = int(params0.numel())
     included = derive_rng(seed, "audit-membership").random(canaries) < 0.5
-    # A constant denominator (the expected cohort of the expected population), so that the
-    # output depends on the inclusion bits only through the noised sum.
-    expected = q * (num_real + canaries / 2)
-    adaptive = (AdaptiveClipping(clip_norm=p.clip_norm, target_quantile=p.target_quantile,
-                                 learning_rate=p.clip_learning_rate, expected_clients=expected)
-                if p.adaptive_clipping else None)
-    dp = _AuditedCentralDP(noise_multiplier=z, clip_norm=p.clip_norm, sample_rate=q,
-                   expected_clients=expected, delta=p.delta, accountant=p.accountant,
-                   seed=derive_seed(seed, "audit-noise"), adaptive=adaptive)
-    pipeline = ClientPipeline(dp.client_stages())
+    audited = build_client_level(config, num_real=num_real, canaries=canaries, dim=dim)
+    pipeline = ClientPipeline(audited.privacy.client_stages())
     inner = coord.executor
     context = getattr(inner, "context", None)
     if context is not None:
-        context.pipeline = pipeline  # real clients clip in their own pipeline
-    params0 = coord.params.detach().clone()
-    coord.privacy = dp
-    coord.executor = CanaryExecutor(inner, included=included, num_real=num_real,
-                                    dim=int(params0.numel()), sample_rate=q,
-                                    clip_norm=p.clip_norm, pipeline=pipeline, seed=seed)
+        context.pipeline = pipeline  # real clients run the mechanism's stages too
+        context.privacy = audited.privacy
+    coord.privacy = audited.privacy
+    # Distributed DP: the secure aggregator in its integer mode sums the encoded words.
+    coord.aggregator = build_aggregator(config)
+    coord.executor = CanaryExecutor(inner, included=included, num_real=num_real, dim=dim,
+                                    schedule=audited.schedule, clip_norm=p.clip_norm,
+                                    pipeline=pipeline, seed=seed)
     coord.num_clients = num_real  # the coordinator samples real clients; canaries join above
     coord.evaluator = None
     coord.run()
 
+    # The score is computed on the final model only (Andrew et al. 2024, Sec. 3): for
+    # DP-FTRL that is w_T - w_0, in which the correlated noise of every round has added up.
     delta_w = (coord.params - params0.to(coord.params)).to(torch.float64).cpu()
     norm = float(torch.linalg.vector_norm(delta_w))
     scores = np.zeros(canaries)
@@ -160,15 +173,8 @@ def run_canary_audit(config: Config, *, canaries: int = 1000, confidence: float 
             block = torch.stack([canary_direction(seed, j, delta_w.numel())
                                  for j in range(start, min(canaries, start + 128))])
             scores[start:start + len(block)] = (block @ delta_w).numpy() / norm
-    eps_lb, guesses, correct = guess_epsilon_lower_bound(scores, included, delta=p.delta,
-                                                         confidence=confidence)
-    eps_acct = (math.inf if z == 0 else
-                epsilon_of([(z, q, rounds)], delta=p.delta, accountant=p.accountant))
-    return AuditResult(
-        canaries=canaries, included=int(included.sum()), rounds=rounds, noise_multiplier=z,
-        sample_rate=q, delta=p.delta, confidence=confidence, epsilon_accountant=eps_acct,
-        epsilon_lower_bound=eps_lb, guesses=guesses, correct=correct,
-        epsilon_estimate=gaussian_fit_epsilon(scores[included], scores[~included],
-                                              delta=p.delta),
-        mean_score_included=float(scores[included].mean()) if included.any() else 0.0,
-        mean_score_excluded=float(scores[~included].mean()) if (~included).any() else 0.0)
+    return audit_result(mechanism=p.mode, canary_kind="client", scores=scores,
+                        included=included, rounds=config.run.rounds,
+                        noise_multiplier=audited.noise_multiplier,
+                        sample_rate=audited.sample_rate, delta=p.delta, confidence=confidence,
+                        epsilon_accountant=audited.epsilon())

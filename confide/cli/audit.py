@@ -1,9 +1,11 @@
 """``confide audit``: an empirical lower bound on epsilon beside the accountant's epsilon.
 
-Runs the job's federation with canary clients inserted (see :mod:`confide.privacy.audit`)
-and prints the lower bound (Steinke et al. 2023) and the Gaussian-fit estimate (Andrew et al.
-2024) next to the epsilon the accountant claims. A lower bound above the accountant's epsilon
-means the implementation leaks more than it accounts for.
+Runs the job's federation with canaries inserted — canary clients for client-level DP
+(``central``, ``distributed``, ``dp-ftrl``), canary examples with Dirac gradients for
+``dp-sgd`` (see :mod:`confide.app.audit` and :mod:`confide.privacy.audit`) — and prints the
+lower bound (Steinke et al. 2023) and the Gaussian-fit estimate (Andrew et al. 2024) next to
+the epsilon the accountant claims, and which mechanism was audited. A lower bound above the
+accountant's epsilon means the implementation leaks more than it accounts for.
 """
 
 from __future__ import annotations
@@ -19,18 +21,20 @@ __all__ = ["register", "audit_command"]
 
 def audit_command(
     config: Annotated[Path | None, typer.Argument(
-        help="Job file (TOML) with privacy.mode = 'central'.")] = None,
+        help="Job file (TOML) with privacy.mode = 'central', 'distributed', 'dp-ftrl' or "
+        "'dp-sgd'.")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="Override a key: section.key=value (repeatable).")] = None,
     canaries: Annotated[int, typer.Option(
-        "--canaries", "-m", min=1, help="Canary clients, each included with probability 1/2.")
+        "--canaries", "-m", min=1,
+        help="Canaries (clients, or DP-SGD examples), each included with probability 1/2.")
     ] = 1000,
     confidence: Annotated[float, typer.Option(
         help="Confidence of the lower bound.")] = 0.95,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Also write the result as JSON to this file.")] = None,
 ) -> None:
-    """Audit client-level DP empirically with canary clients (one training run)."""
+    """Audit a DP mechanism empirically with canaries (one training run)."""
     from confide.app.audit import run_canary_audit
     from confide.cli.main import console
     from confide.config import load_config
@@ -39,6 +43,8 @@ def audit_command(
     cfg = load_config(config, set_ or [])
     result = run_canary_audit(cfg, canaries=canaries, confidence=confidence)
     acct = result.epsilon_accountant
+    console.print(f"audited: privacy.mode = {result.mechanism!r}, {result.description}; "
+                  f"{result.canary_kind} canaries", highlight=False, soft_wrap=True)
     console.print(
         f"accountant ε = {acct:.3f}" if acct != float("inf") else "accountant ε = inf (no noise)",
         highlight=False, soft_wrap=True)

@@ -34,7 +34,8 @@ Building blocks for any DP mode, distributed DP included:
 * :mod:`confide.privacy.ftrl_noise`, :mod:`confide.privacy.ftrl_tree`,
   :mod:`confide.privacy.ftrl_matrix` — DP-FTRL's keyed noise source, tree aggregation and
   banded matrix factorisation, with their exact sensitivities;
-* :mod:`confide.privacy.audit` — an empirical lower bound on epsilon from canary clients.
+* :mod:`confide.privacy.audit` — an empirical lower bound on epsilon from canaries (the audit
+  of each mode runs in :mod:`confide.app.audit`).
 """
 
 from __future__ import annotations

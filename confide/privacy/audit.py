@@ -1,4 +1,4 @@
-"""Empirical privacy audit: a lower bound on epsilon from canary clients, in one run.
+"""Empirical privacy audit: a lower bound on epsilon from canaries, in one run.
 
 Method (``confide audit``):
 
@@ -9,8 +9,13 @@ Method (``confide audit``):
    "One-shot Empirical Privacy Estimation for Federated Learning", ICLR 2024, Sec. 3:
    random canary directions are nearly orthogonal to everything else in high dimension).
 2. The real federation trains for ``run.rounds`` rounds with the configured client-level DP
-   mechanism (:class:`~confide.privacy.central.CentralDP`: Poisson sampling, clipping,
-   Gaussian noise on the sum, fixed denominator), real clients and included canaries alike.
+   mechanism, real clients and included canaries alike: central DP-FedAvg
+   (:class:`~confide.privacy.central.CentralDP`), the distributed discrete Gaussian under
+   SecAgg+ (:class:`~confide.privacy.distributed.DistributedDP`) or DP-FTRL
+   (:class:`~confide.privacy.ftrl.DPFTRL`, whose canaries follow its participation pattern
+   instead of Poisson sampling). DP-SGD is audited with canary *examples* whose per-sample
+   gradients are Dirac vectors (:mod:`confide.app.audit_dpsgd`); its score is the canary's
+   coordinate of the final model delta instead of the cosine of step 3.
 3. Each canary's score is the cosine between its direction and the final model delta
    ``w_T - w_0`` (the "final model only" threat model of Andrew et al. 2024).
 4. Lower bound (Steinke et al. 2023, Theorem 5.2 with the delta term of Appendix D): guess
@@ -153,6 +158,11 @@ def gaussian_fit_epsilon(in_scores: np.ndarray, out_scores: np.ndarray, *, delta
 class AuditResult:
     """What ``confide audit`` reports."""
 
+    #: the audited ``privacy.mode`` and its mechanism in words
+    mechanism: str
+    description: str
+    #: ``client`` (canary clients) or ``gradient`` (canary examples, Dirac gradients)
+    canary_kind: str
     canaries: int
     included: int
     rounds: int
@@ -168,7 +178,7 @@ class AuditResult:
     mean_score_included: float
     mean_score_excluded: float
 
-    def to_dict(self) -> dict[str, float | int | None]:
+    def to_dict(self) -> dict[str, float | int | str | None]:
         """JSON-safe (infinite values become None)."""
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in asdict(self).items()}

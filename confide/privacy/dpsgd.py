@@ -112,6 +112,12 @@ class DPSGDTrainer(LocalTrainer):
         self.on_fit = on_fit
         self._calibrated: dict[tuple[float, int], float] = {}
         self._one_round_eps: dict[PrivacyEvent, float] = {}
+        #: the audit's hook (``confide audit``, :mod:`confide.app.audit_dpsgd`): called with a
+        #: step's inputs and the model after ``backward`` and before Opacus clips and noises
+        #: the per-sample gradients (``pre_step``); it may rewrite the ``grad_sample`` rows of
+        #: canary examples (gradient canaries: Nasr et al. 2023, "Tight Auditing of
+        #: Differentially Private Machine Learning", Sec. 3.2). None outside the audit.
+        self.grad_sample_hook: Callable[[torch.Tensor, nn.Module], None] | None = None
 
     def _noise_for(self, sample_rate: float, steps_per_round: int) -> float:
         if self.noise_multiplier is not None:
@@ -188,6 +194,8 @@ class DPSGDTrainer(LocalTrainer):
                         logits = module(xb)
                         loss = self.loss_fn(logits, yb) if len(yb) else logits.sum() * 0.0
                         loss.backward()
+                        if self.grad_sample_hook is not None:
+                            self.grad_sample_hook(xb, self.model)
                         # pre_step clips per-sample gradients, adds the noise and scales;
                         # the strategy's rule (FedProx, SCAFFOLD) then acts on the noised
                         # gradient, which is post-processing and costs no privacy.

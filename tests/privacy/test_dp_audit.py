@@ -1,4 +1,5 @@
-"""The canary audit (Steinke et al. 2023 bound, Andrew et al. 2024 canary clients)."""
+"""The canary audit's statistics (Steinke et al. 2023 bound) and ``confide audit`` (the audit
+of each mechanism: test_dp_audit_mechanisms.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import numpy as np
 import pytest
 from confide_testing import assert_one_line_error, run_cli
 
-from confide.app.audit import run_canary_audit
-from confide.config import load_config
 from confide.privacy.audit import (
     gaussian_fit_epsilon,
     guess_epsilon_lower_bound,
@@ -19,7 +18,7 @@ from confide.privacy.audit import (
 )
 
 AUDIT_JOB = ["data.num_clients=20", "cohort.size=10", "run.rounds=5", "client.epochs=1",
-             "client.device='cpu'", "privacy.mode='central'"]
+             "client.device='cpu'"]
 
 
 def test_p_value_grows_with_epsilon_and_falls_with_correct_guesses():
@@ -48,49 +47,48 @@ def test_random_guessing_gives_no_bound():
     assert gaussian_fit_epsilon(scores[included], scores[~included], delta=1e-5) < 1.0
 
 
-@pytest.fixture(scope="module")
-def audits():
-    results = {}
-    for z in (0.0, 1.0):
-        cfg = load_config(None, [*AUDIT_JOB, f"privacy.noise_multiplier={z}"])
-        results[z] = run_canary_audit(cfg, canaries=1000)
-    return results
-
-
 @pytest.mark.slow
-def test_no_noise_shows_a_large_empirical_epsilon(audits):
-    result = audits[0.0]
-    assert math.isinf(result.epsilon_accountant)
-    assert result.epsilon_lower_bound > 3.0  # ~ the most 1000 canaries can show at 95%
-    assert result.correct == result.guesses
-    assert result.epsilon_estimate > 20
-
-
-@pytest.mark.slow
-def test_noise_keeps_the_lower_bound_below_the_accountant(audits):
-    result = audits[1.0]
-    assert 0 <= result.epsilon_lower_bound < result.epsilon_accountant
-    assert result.epsilon_lower_bound < audits[0.0].epsilon_lower_bound
-    assert result.epsilon_accountant == pytest.approx(8.2304, abs=1e-3)  # z=1, q=.5, T=5
-
-
-@pytest.mark.slow
-def test_cli_audit_prints_both_and_writes_json(tmp_path, capsys):
+@pytest.mark.parametrize(("mode", "extra"), [
+    ("central", []), ("dp-ftrl", ["cohort.sampling='cyclic'"]),
+    ("distributed", ["secure_aggregation.enabled=true", "model.hidden_units=16"]),
+    ("dp-sgd", []),
+])
+def test_cli_audit_prints_both_and_writes_json(mode, extra, tmp_path, capsys):
     out = tmp_path / "audit.json"
-    sets = [a for kv in [*AUDIT_JOB, "run.rounds=2", "privacy.noise_multiplier=1.0"]
-            for a in ("--set", kv)]
+    sets = [a for kv in [*AUDIT_JOB, f"privacy.mode='{mode}'", *extra, "run.rounds=2",
+                         "privacy.noise_multiplier=1.0"] for a in ("--set", kv)]
     code, stdout, err = run_cli(["audit", *sets, "--canaries", "100", "-o", str(out)], capsys)
     assert code == 0, err
+    assert f"audited: privacy.mode = '{mode}'" in stdout
     assert "accountant ε = " in stdout and "empirical ε lower bound = " in stdout
     data = json.loads(out.read_text())
-    assert data["canaries"] == 100 and data["epsilon_lower_bound"] < data["epsilon_accountant"]
+    assert data["mechanism"] == mode and data["canaries"] == 100
+    assert data["epsilon_lower_bound"] < data["epsilon_accountant"]
+
+
+def _sets(*kv: str) -> list[str]:
+    return [a for x in kv for a in ("--set", x)]
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    ([], "set privacy.mode = 'central'"),
-    (["--set", "privacy.mode='central'"], "needs privacy.noise_multiplier"),
-    (["--set", "privacy.mode='central'", "--set", "privacy.noise_multiplier=1",
-      "--canaries", "5"], "too few"),
+    ([], "set privacy.mode = 'central', 'distributed', 'dp-ftrl' or 'dp-sgd'"),
+    (_sets("privacy.mode='central'"), "needs privacy.noise_multiplier"),
+    ([*_sets("privacy.mode='central'", "privacy.noise_multiplier=1"), "--canaries", "5"],
+     "too few"),
+    (_sets("privacy.mode='distributed'", "privacy.target_epsilon=4",
+           "secure_aggregation.enabled=true"), "needs privacy.noise_multiplier (a target"),
+    (_sets("privacy.mode='distributed'", "privacy.noise_multiplier=1"),
+     "needs secure_aggregation.enabled"),
+    (_sets("privacy.mode='dp-sgd'", "privacy.noise_multiplier=1",
+           "simulation.executor='vectorized'"), "simulation.executor = 'sequential'"),
+    (_sets("privacy.mode='dp-sgd'", "privacy.target_epsilon=4"),
+     "needs privacy.noise_multiplier alone"),
+    ([*_sets("privacy.mode='dp-sgd'", "privacy.noise_multiplier=1", "model.name='logreg'"),
+      "--canaries", "100000"], "trainable parameters"),
+    (_sets("privacy.mode='dp-sgd'", "privacy.noise_multiplier=1", "strategy.name='fedbuff'"),
+     "is asynchronous"),
+    (_sets("privacy.mode='central'", "privacy.noise_multiplier=1", "compression.method='topk'"),
+     "does not audit compressed updates"),
 ])
 def test_cli_audit_bad_input(args, fragment, capsys):
     code, _, err = run_cli(["audit", *args], capsys)
