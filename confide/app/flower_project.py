@@ -101,7 +101,7 @@ _LOCK = threading.Lock()
 
 
 def _runner(context: Context) -> TaskRunner:
-    """This node's runner, built once per run config and partition in this process."""
+    """The runner of this node, built once per run config and partition in a process."""
     pid, count = _node_partition(context)
     key = hashlib.sha256(json.dumps([sorted(context.run_config.items()), pid, count],
                                     default=str).encode()).hexdigest()
@@ -161,6 +161,16 @@ def _server_main(grid: Grid, context: Context) -> None:
     n = len(parts)
     job = build_job(cfg, input_shape=data.input_shape, num_classes=data.num_classes,
                     num_clients=n, dataset_size=len(data.y_train))
+    if cfg.privacy.mode == "central":
+        import secrets
+
+        from confide.privacy.central import CentralDP
+
+        if isinstance(job.privacy, CentralDP):
+            # As in `confide server start`: a noise seed from run.seed could be subtracted by
+            # anyone who knows the job; it comes from the OS CSPRNG and is never stored
+            # (confide.privacy.mechanisms, "Randomness").
+            job.privacy.seed = secrets.randbits(63)
     out = run_config.get("output-dir")
     run_dir = Path(str(out)) if out else new_run_dir(cfg)
     if run_dir.exists() and any(run_dir.iterdir()):
