@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from deploy_testing import child_env, free_port, port_open, processes, wait_for
 
 from confide.app.simulate import run_simulation
-from tests.deploy_testing import child_env, free_port, port_open, processes, wait_for
 
 pytestmark = pytest.mark.slow
 
