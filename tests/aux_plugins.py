@@ -55,6 +55,17 @@ class NanAux(Strategy):
         return {"v": torch.full_like(client_update, float("nan"))}, dict(client_state)
 
 
+class OverBound(Strategy):
+    """Declares entries within ±1 and sends 3s."""
+
+    name = "over-bound"
+    aux_vectors = (AuxVector("v", bound=1.0),)
+
+    def client_finalize(self, instructions, client_state, client_update, *, num_steps, lr,
+                        momentum=0.0):
+        return {"v": torch.full_like(client_update, 3.0)}, dict(client_state)
+
+
 class BadDeclaration(Strategy):
     """``aux_vectors`` of plain strings, not AuxVector."""
 

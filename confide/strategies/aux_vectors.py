@@ -17,8 +17,10 @@ declares each auxiliary vector as an :class:`AuxVector` in ``aux_vectors``. The 
    clipping_range]`` (``secure_aggregation.clipping_range``; Bonawitz et al. 2017, §7 on
    fixed-point inputs), so a declared bound above it is refused at start; without a declared
    bound, any entry the encoding clips is reported (a warning), never clipped silently.
-4. **Finite, as declared, every round.** Each client's aux vectors are checked against the
-   declaration (names, length, finiteness, bound) before anything is encoded.
+4. **As declared, every round.** Each client's aux vectors are checked against the
+   declaration (names, length, bound) before anything is encoded; a client whose aux vector
+   is not finite is rejected for the round like one whose update is not
+   (:func:`confide.round.accept_finite`), never averaged.
 5. **Not under distributed DP**, which privatises only the update.
 
 :func:`check_aux_contract` checks the declaration when a job is built (one line naming the
@@ -132,10 +134,12 @@ def check_aux_values(strategy: Strategy, aux: Mapping[str, torch.Tensor], *, dim
                                 f"declared ({length},)")
         if not value.numel():
             continue
-        peak = float(value.detach().abs().amax())  # NaN propagates; inf stays inf
-        if not math.isfinite(peak):
-            raise StrategyError(f"{label}: aux vector {spec.name!r} has non-finite entries")
-        if spec.bound is not None and peak > spec.bound:
+        if spec.bound is None:
+            continue
+        # non-finite entries are the finite check's (accept_finite): the client is rejected
+        v = value.detach()
+        peak = float(torch.where(torch.isfinite(v), v.abs(), torch.zeros_like(v)).amax())
+        if peak > spec.bound:
             raise StrategyError(f"{label}: aux vector {spec.name!r} has an entry of size "
                                 f"{peak:g}, beyond its declared bound {spec.bound:g}")
 

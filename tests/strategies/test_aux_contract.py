@@ -15,7 +15,7 @@ from confide_testing import FAST, assert_one_line_error, run_cli
 
 from confide.app.simulate import build_simulation
 from confide.config import load_config
-from confide.exceptions import StrategyError
+from confide.exceptions import RoundFailedError, StrategyError
 from confide.privacy.secagg.metadata import META_FIELDS
 from confide.strategies import get_strategy
 
@@ -62,7 +62,7 @@ def test_a_declaration_that_is_not_auxvectors_is_refused_by_name():
 
 @pytest.mark.parametrize(("plugin", "rule"), [
     ("LyingAux", "aux vector 'v' has shape (1,), declared"),
-    ("NanAux", "aux vector 'v' has non-finite entries"),
+    ("OverBound", "aux vector 'v' has an entry of size 3, beyond its declared bound 1"),
 ])
 def test_a_plugin_that_sends_other_aux_than_it_declared_is_stopped(plugin, rule):
     sim = build_simulation(job(f"aux_plugins:{plugin}", rounds=1))
@@ -70,6 +70,14 @@ def test_a_plugin_that_sends_other_aux_than_it_declared_is_stopped(plugin, rule)
         sim.coordinator.run()
     message = one_line(exc)
     assert "broke its aux-vector contract" in message and rule in message
+
+
+def test_a_client_with_non_finite_aux_is_rejected_like_a_non_finite_update(caplog):
+    sim = build_simulation(job("aux_plugins:NanAux", "cohort.min_clients=1", rounds=1))
+    with caplog.at_level(logging.WARNING, logger="confide"), \
+            pytest.raises(RoundFailedError, match="0 of 10 sampled clients reported"):
+        sim.coordinator.run()  # every client's aux is NaN: none is averaged
+    assert "client 0 sent a non-finite update or aux vector; it is excluded" in caplog.text
 
 
 def test_the_cli_refuses_a_broken_plugin_in_one_line(capsys):
