@@ -32,14 +32,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
 
 from confide.exceptions import StrategyError
 
-if TYPE_CHECKING:
-    from confide.strategies.base import Strategy
+#: a Strategy class or instance (typed loosely: the base class imports this module)
+StrategyLike = Any
 
 __all__ = ["AuxVector", "check_aux_declaration", "check_aux_contract", "check_aux_values",
            "declared_aux", "describe_aux"]
@@ -56,7 +56,7 @@ class AuxVector:
     bound: float | None = None
 
 
-def declared_aux(cls: type[Strategy] | Strategy) -> tuple[AuxVector, ...]:
+def declared_aux(cls: StrategyLike) -> tuple[AuxVector, ...]:
     """The strategy's aux vectors: ``aux_vectors``, or model-length unbounded ``aux_names``."""
     declared = getattr(cls, "aux_vectors", ())
     if declared:
@@ -64,7 +64,7 @@ def declared_aux(cls: type[Strategy] | Strategy) -> tuple[AuxVector, ...]:
     return tuple(AuxVector(name) for name in getattr(cls, "aux_names", ()))
 
 
-def check_aux_declaration(cls: type[Strategy] | Strategy, label: str) -> None:
+def check_aux_declaration(cls: StrategyLike, label: str) -> None:
     """The declaration's own rules (types, names, lengths, bounds); one line if broken."""
     declared = getattr(cls, "aux_vectors", ())
     if not isinstance(declared, tuple) or not all(isinstance(a, AuxVector) for a in declared):
@@ -90,7 +90,7 @@ def check_aux_declaration(cls: type[Strategy] | Strategy, label: str) -> None:
                                 "use a positive finite number or None")
 
 
-def check_aux_contract(strategy: type[Strategy] | Strategy, *, dim: int,
+def check_aux_contract(strategy: StrategyLike, *, dim: int,
                        secure_aggregation: bool, clipping_range: float,
                        privacy_mode: str = "none") -> None:
     """Refuse, in one line, a declaration this job cannot honour (rules 2, 3 and 5)."""
@@ -117,7 +117,7 @@ def check_aux_contract(strategy: type[Strategy] | Strategy, *, dim: int,
                                 f"encoding would clip; set clipping_range >= {aux.bound:g}")
 
 
-def check_aux_values(strategy: Strategy, aux: Mapping[str, torch.Tensor], *, dim: int,
+def check_aux_values(strategy: StrategyLike, aux: Mapping[str, torch.Tensor], *, dim: int,
                      batched: bool = False) -> None:
     """What a client (``batched``: a cohort, rows ``[n, d]``) produced obeys the declaration."""
     declared = declared_aux(strategy)
@@ -144,6 +144,6 @@ def check_aux_values(strategy: Strategy, aux: Mapping[str, torch.Tensor], *, dim
                                 f"{peak:g}, beyond its declared bound {spec.bound:g}")
 
 
-def describe_aux(cls: type[Strategy] | Strategy) -> list[dict[str, object]]:
+def describe_aux(cls: StrategyLike) -> list[dict[str, object]]:
     """The declaration as plain data (``confide strategies``)."""
     return [{"name": a.name, "length": a.length, "bound": a.bound} for a in declared_aux(cls)]
