@@ -122,3 +122,14 @@ def test_conforming_aux_gives_the_same_accuracy_with_and_without_secure_aggregat
         assert float(plain.coordinator.strategy.c.abs().max()) > 1e-3
         torch.testing.assert_close(secure.coordinator.strategy.c, plain.coordinator.strategy.c,
                                    atol=1e-5, rtol=0)
+
+
+def test_strategies_show_prints_the_declaration(capsys):
+    code, out, _ = run_cli(["strategies", "show", "aux_plugins:OneElementAux"], capsys)
+    assert code == 0
+    assert "secure aggregation: no (aux norm: not model length)" in out
+    assert "norm: length 1, summed unweighted" in out
+    code, out, _ = run_cli(["strategies", "show", "aux_plugins:WideAux"], capsys)
+    assert "secure aggregation needs clipping_range >= 100" in out
+    code, out, _ = run_cli(["strategies", "list"], capsys)
+    assert code == 0 and "yes (+ aux delta_c)" in out  # scaffold
