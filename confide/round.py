@@ -359,14 +359,17 @@ class Aggregator(ABC):
 
 
 def accept_finite(batch: ResultBatch) -> tuple[ResultBatch, list[int]]:
-    """Drop rows whose update is not finite (a NaN/inf update is rejected, never averaged).
+    """Drop rows whose update or aux vectors are not finite (rejected, never averaged).
 
     Returns the kept batch and the rejected client ids. One device-to-host copy of an ``[n]``
     boolean mask: the round's one host sync outside evaluation.
     """
     if not len(batch):
         return batch, []
-    finite = torch.isfinite(batch.updates).all(dim=1).tolist()
+    ok = torch.isfinite(batch.updates).all(dim=1)
+    for values in batch.aux.values():  # the aux-vector contract (strategies.aux_vectors)
+        ok = ok & torch.isfinite(values.reshape(len(batch), -1)).all(dim=1).to(ok.device)
+    finite = ok.tolist()
     keep = [i for i, ok in enumerate(finite) if ok]
     rejected = [batch.client_ids[i] for i, ok in enumerate(finite) if not ok]
     return batch.select(keep), rejected

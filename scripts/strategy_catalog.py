@@ -41,6 +41,7 @@ def render() -> str:
         lines.append("        'params': [")
         lines.extend(f"            {entry!r}," for entry in info["params"])
         lines.append("        ],")
+        lines.append(f"        'aux_vectors': {info['aux_vectors']!r},")
         lines.append("    },")
     lines.append("}")
     return HEADER + "\n".join(lines) + "\n"

@@ -78,10 +78,17 @@ class Processes:
 
     def start(self, name: str, args: list[str], *, cwd: Path | None = None,
               env: dict[str, str] | None = None) -> Proc:
+        """``python -m confide.cli ARGS`` in its own session."""
+        return self.spawn(name, [sys.executable, "-m", "confide.cli", *args], cwd=cwd,
+                          env=env)
+
+    def spawn(self, name: str, argv: list[str], *, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> Proc:
+        """Any program (``flower-superlink`` ...) in its own session, stopped by stop_all."""
         out, err = self.folder / f"{name}.out", self.folder / f"{name}.err"
         with out.open("wb") as fo, err.open("wb") as fe:
             popen = subprocess.Popen(  # noqa: S603
-                [sys.executable, "-m", "confide.cli", *args], cwd=cwd or self.folder,
+                argv, cwd=cwd or self.folder,
                 env={**child_env(), **(env or {})}, stdout=fo, stderr=fe,
                 start_new_session=True)
         proc = Proc(name, popen, out, err)

@@ -116,10 +116,12 @@ def test_no_file_over_600_lines(path):
     assert path.read_text(encoding="utf-8").count("\n") <= 600
 
 
-def test_the_three_entry_points_call_the_one_job_builder():
+def test_the_entry_points_call_the_one_job_builder():
     callers = sorted(m for m, p in FILES.items() if m != "confide.app.job"
                      and re.search(r"\bbuild_job\(", p.read_text(encoding="utf-8")))
-    assert callers == ["confide.app.client_app", "confide.app.deploy", "confide.app.simulate"]
+    # the Flower App's ServerApp (flower_project) is the fourth: `flwr run` builds the same job
+    assert callers == ["confide.app.client_app", "confide.app.deploy",
+                       "confide.app.flower_project", "confide.app.simulate"]
     # nobody else assembles a job: strategies and privacy are built in the job builder only
     for needle in (r"\bbuild_round_privacy\(", r"get_strategy\([^)]*\)\.from_options\("):
         others = sorted(m for m, p in FILES.items()

@@ -197,23 +197,26 @@ def _error_reply(message: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason[:500]), reply_to=message)
 
 
-def build_client_app(runner: TaskRunner | Callable[[], TaskRunner], *,
+def build_client_app(runner: TaskRunner | Callable[[Context], TaskRunner], *,
                      identity: Callable[[Context], dict[str, Any]]) -> ClientApp:
     """The Flower ClientApp around ``runner``; ``identity`` answers hello queries.
 
-    ``runner`` may be a callable returning the runner: Flower's Ray backend pickles the
-    ClientApp with every message, so simulation passes a small handle that finds a runner
-    cached in the actor process instead of shipping one.
+    ``runner`` may be a callable taking the message's Flower ``Context`` and returning the
+    runner: Flower's Ray backend pickles the ClientApp with every message, so simulation
+    passes a small handle that finds a runner cached in the actor process instead of
+    shipping one; the Flower App (:mod:`confide.app.flower_project`) builds its runner from
+    the context's run config and node config.
     """
     app = ClientApp()
-    get_runner = runner if callable(runner) else (lambda: runner)
+    get_runner: Callable[[Context], TaskRunner] = (
+        (lambda _context: runner) if isinstance(runner, TaskRunner) else runner)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         try:
             task, job = decode_task(message.content)
             _fault_point(task.server_round, "training")
-            runner_ = get_runner()
+            runner_ = get_runner(context)
             result = runner_.train(task, job)
             local = runner_.keeps_update_local(job)
         except ClientDropped as exc:
@@ -239,7 +242,7 @@ def build_client_app(runner: TaskRunner | Callable[[], TaskRunner], *,
 
 
 def _register_stage(app: ClientApp, name: str, handler: StageHandler,
-                    get_runner: Callable[[], TaskRunner]) -> None:
+                    get_runner: Callable[[Context], TaskRunner]) -> None:
     @app.query(name)
     def stage(message: Message, context: Context) -> Message:
         try:
@@ -249,7 +252,7 @@ def _register_stage(app: ClientApp, name: str, handler: StageHandler,
             if name == STAGE and os.environ.get(FAULT_ENV):
                 _fault_point(message.content.config_records["confide.stage"]["server_round"],
                              _secagg_stage_name(message.content))
-            reply = handler(message.content, get_runner().session(client_id))
+            reply = handler(message.content, get_runner(context).session(client_id))
         except (ConfideError, KeyError, TypeError, ValueError) as exc:
             return _error_reply(message, ERROR_REFUSED, f"stage {name}: {exc}")
         return Message(reply, reply_to=message)

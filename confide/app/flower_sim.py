@@ -55,7 +55,7 @@ class _RunnerHandle:
     def __init__(self, data_path: str, device: str) -> None:
         self.data_path, self.device = data_path, device
 
-    def __call__(self) -> TaskRunner:
+    def __call__(self, _context: Any = None) -> TaskRunner:
         with _RUNNERS_LOCK:
             runner = _RUNNERS.get(self.data_path)
             if runner is None:

@@ -23,6 +23,7 @@ from confide.parameters import get_flat_params
 from confide.privacy import build_round_privacy
 from confide.privacy.base import RoundPrivacy
 from confide.seeding import derive_seed
+from confide.strategies.aux_vectors import check_aux_contract
 from confide.strategies.base import Strategy
 from confide.strategies.registry import get_strategy
 
@@ -68,6 +69,11 @@ def build_job(config: Config, *, input_shape: tuple[int, ...], num_classes: int,
     params = get_flat_params(model_factory()).detach().cpu()
     strategy = get_strategy(config.strategy.name).from_options(config.strategy.options)
     strategy.check_compatible(secure_aggregation=config.secure_aggregation.enabled)
+    # The aux-vector contract, before anything runs: one line, not per-client aborts.
+    check_aux_contract(strategy, dim=int(params.numel()),
+                       secure_aggregation=config.secure_aggregation.enabled,
+                       clipping_range=config.secure_aggregation.clipping_range,
+                       privacy_mode=config.privacy.mode)
     privacy = build_round_privacy(config, num_clients=num_clients, dataset_size=dataset_size,
                                   dim=int(params.numel()))
     stages = list(privacy.client_stages())

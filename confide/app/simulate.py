@@ -42,7 +42,8 @@ from confide.simulations.partition import partition, partition_report
 from confide.threads import apply_thread_policy
 from confide.tracking import check_trackers, open_trackers
 
-__all__ = ["Simulation", "build_simulation", "run_simulation", "new_run_dir", "build_aggregator"]
+__all__ = ["Simulation", "build_simulation", "run_simulation", "new_run_dir", "build_aggregator",
+           "load_partitioned"]
 
 log = logging.getLogger("confide")
 
@@ -99,23 +100,7 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     # with the other notes once the job has started, so a job that cannot start says one line).
     threads = apply_thread_policy(cfg.simulation.cpu_threads, device_type=device.type,
                                   quiet=True)
-    data = load_dataset(cfg.data.dataset, seed=cfg.run.seed, test_fraction=cfg.data.test_fraction,
-                        path=cfg.data.path, client_column=cfg.data.client_column,
-                        label_column=cfg.data.label_column,
-                        standardize=cfg.data.standardize)
-    inferred = _natural_client_count(cfg, data)
-    if inferred is not None:
-        cfg = cfg.replace(data=dataclasses.replace(cfg.data, num_clients=inferred))
-    if cfg.data.partition != "natural" and cfg.data.num_clients > len(data.y_train):
-        raise DataError(
-            f"data.num_clients = {cfg.data.num_clients} is larger than the dataset "
-            f"({len(data.y_train)} training samples); lower it"
-        )
-    parts = partition(data.y_train, num_clients=cfg.data.num_clients, method=cfg.data.partition,
-                      seed=cfg.run.seed, alpha=cfg.data.alpha,
-                      classes_per_client=cfg.data.classes_per_client,
-                      min_samples=cfg.data.min_samples_per_client,
-                      natural=data.natural_clients)
+    cfg, data, parts, inferred = load_partitioned(cfg)
     report = partition_report(parts, data.y_train, data.num_classes)
 
     dtype = torch.get_default_dtype()
@@ -169,6 +154,35 @@ def build_simulation(config: Config, *, run_dir: Path | None = None,
     if inferred is not None:
         notes.append(f"natural partition: {inferred} clients (data.num_clients inferred)")
     return Simulation(cfg, data, parts, coordinator, model, device, notes)
+
+
+def load_partitioned(config: Config) -> tuple[Config, FederatedDataset, list, int | None]:
+    """``config``'s dataset and its seeded partition, as every simulated client sees it.
+
+    Returns the config (with a natural partition's inferred client count), the data, the
+    per-client index arrays, and the inferred count (None when ``data.num_clients`` stood).
+    The Flower App (:mod:`confide.app.flower_project`) calls it on each SuperNode too, so a
+    node's partition is the one ``confide simulate`` gives that client.
+    """
+    cfg = config
+    data = load_dataset(cfg.data.dataset, seed=cfg.run.seed, test_fraction=cfg.data.test_fraction,
+                        path=cfg.data.path, client_column=cfg.data.client_column,
+                        label_column=cfg.data.label_column,
+                        standardize=cfg.data.standardize)
+    inferred = _natural_client_count(cfg, data)
+    if inferred is not None:
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, num_clients=inferred))
+    if cfg.data.partition != "natural" and cfg.data.num_clients > len(data.y_train):
+        raise DataError(
+            f"data.num_clients = {cfg.data.num_clients} is larger than the dataset "
+            f"({len(data.y_train)} training samples); lower it"
+        )
+    parts = partition(data.y_train, num_clients=cfg.data.num_clients, method=cfg.data.partition,
+                      seed=cfg.run.seed, alpha=cfg.data.alpha,
+                      classes_per_client=cfg.data.classes_per_client,
+                      min_samples=cfg.data.min_samples_per_client,
+                      natural=data.natural_clients)
+    return cfg, data, parts, inferred
 
 
 def _natural_client_count(cfg: Config, data: FederatedDataset) -> int | None:

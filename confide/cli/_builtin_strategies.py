@@ -16,6 +16,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
             {'name': 'beta1', 'default': 0.9, 'ge': 0, 'lt': 1, 'help': 'first-moment decay β1'},
             {'name': 'tau', 'default': 0.001, 'gt': 0, 'help': 'adaptivity τ (Algorithm 2)'},
         ],
+        'aux_vectors': [],
     },
     'fedadam': {
         'summary': 'Server Adam: ``v_t = β2 v_{t-1} + (1 - β2) Δ_t²``.',
@@ -27,6 +28,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
             {'name': 'beta2', 'default': 0.99, 'ge': 0, 'lt': 1, 'help': 'second-moment decay β2'},
             {'name': 'tau', 'default': 0.001, 'gt': 0, 'help': 'adaptivity τ (Algorithm 2)'},
         ],
+        'aux_vectors': [],
     },
     'fedavg': {
         'summary': 'Federated averaging: the server adds the example-weighted mean update.',
@@ -34,6 +36,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
         'secure_aggregation': True,
         'params': [
         ],
+        'aux_vectors': [],
     },
     'fedavgm': {
         'summary': 'FedAvg with heavy-ball momentum on the server.',
@@ -43,6 +46,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
             {'name': 'server_lr', 'default': 1.0, 'gt': 0, 'help': 'server learning rate η'},
             {'name': 'server_momentum', 'default': 0.9, 'ge': 0, 'lt': 1, 'help': 'server momentum β (Hsu et al.: 0.9)'},
         ],
+        'aux_vectors': [],
     },
     'fedbuff': {
         'summary': 'Buffered asynchronous FedAvg with staleness weighting.',
@@ -57,6 +61,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
             {'name': 'server_lr', 'default': 1.0, 'gt': 0, 'help': 'server learning rate η'},
             {'name': 'server_momentum', 'default': 0.0, 'ge': 0, 'lt': 1, 'help': 'server momentum β'},
         ],
+        'aux_vectors': [],
     },
     'fedmedian': {
         'summary': 'Coordinate-wise median of the client updates.',
@@ -64,6 +69,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
         'secure_aggregation': False,
         'params': [
         ],
+        'aux_vectors': [],
     },
     'fedprox': {
         'summary': 'FedAvg on the server; a proximal term towards the global weights on every client.',
@@ -72,6 +78,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
         'params': [
             {'name': 'mu', 'default': 0.01, 'ge': 0, 'help': 'proximal coefficient μ (Eq. 2); 0 is FedAvg'},
         ],
+        'aux_vectors': [],
     },
     'fedyogi': {
         'summary': 'Server Yogi: ``v_t = v_{t-1} - (1 - β2) Δ_t² sign(v_{t-1} - Δ_t²)``.',
@@ -83,6 +90,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
             {'name': 'beta2', 'default': 0.99, 'ge': 0, 'lt': 1, 'help': 'second-moment decay β2'},
             {'name': 'tau', 'default': 0.001, 'gt': 0, 'help': 'adaptivity τ (Algorithm 2)'},
         ],
+        'aux_vectors': [],
     },
     'krum': {
         'summary': '(Multi-)Krum: the update closest to its n - f - 2 nearest neighbours.',
@@ -92,6 +100,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
             {'name': 'num_byzantine', 'default': 1, 'ge': 0, 'help': 'f, the number of Byzantine clients tolerated'},
             {'name': 'num_selected', 'default': 1, 'ge': 1, 'help': 'm: 1 is Krum, more averages the m best (Multi-Krum)'},
         ],
+        'aux_vectors': [],
     },
     'scaffold': {
         'summary': 'Drift correction with server and client control variates.',
@@ -100,6 +109,7 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
         'params': [
             {'name': 'server_lr', 'default': 1.0, 'gt': 0, 'help': 'global step size η_g (Algorithm 1, line 16)'},
         ],
+        'aux_vectors': [{'name': 'delta_c', 'length': 'model', 'bound': None}],
     },
     'trimmedmean': {
         'summary': 'Coordinate-wise β-trimmed mean of the client updates.',
@@ -108,5 +118,6 @@ BUILTIN_STRATEGIES: dict[str, dict[str, Any]] = {
         'params': [
             {'name': 'beta', 'default': 0.1, 'ge': 0, 'lt': 0.5, 'help': 'fraction β trimmed from each end (Def. 2)'},
         ],
+        'aux_vectors': [],
     },
 }

@@ -18,7 +18,25 @@ strategies_app = typer.Typer(
 
 
 def _secagg(info: dict[str, Any]) -> str:
-    return "yes" if info["secure_aggregation"] else "no (needs individual updates)"
+    """Secure-aggregation support, from the class and its aux-vector declaration."""
+    if not info["secure_aggregation"]:
+        return "no (needs individual updates)"
+    aux = info.get("aux_vectors", [])
+    fixed = [a["name"] for a in aux if a["length"] != "model"]
+    if fixed:
+        return f"no (aux {', '.join(fixed)}: not model length)"
+    return f"yes (+ aux {', '.join(a['name'] for a in aux)})" if aux else "yes"
+
+
+def _aux_line(aux: dict[str, Any]) -> str:
+    length = "model length" if aux["length"] == "model" else f"length {aux['length']}"
+    if aux["bound"] is None:
+        bound = ("no declared bound: under secure aggregation entries beyond "
+                 "secure_aggregation.clipping_range are clipped, with a warning")
+    else:
+        bound = (f"|entry| <= {aux['bound']:g} (secure aggregation needs "
+                 f"clipping_range >= {aux['bound']:g})")
+    return f"    {aux['name']}: {length}, summed unweighted (mean in mean_aux); {bound}"
 
 
 @strategies_app.command("list")
@@ -50,6 +68,10 @@ def show_strategy(
     typer.echo(f"  origin: {info['origin']}")
     typer.echo(f"  reference: {info['citation'] or '-'}")
     typer.echo(f"  secure aggregation: {_secagg(info)}")
+    if info.get("aux_vectors"):
+        typer.echo("  aux vectors (confide.strategies.aux_vectors):")
+        for aux in info["aux_vectors"]:
+            typer.echo(_aux_line(aux))
     if not info["params"]:
         typer.echo("  parameters: none")
         return

@@ -35,11 +35,14 @@ def describe(cls: Any) -> dict[str, Any]:
         entry.update({k: meta[k] for k in _BOUNDS if meta.get(k) is not None})
         entry["help"] = meta.get("help") or ""
         params.append(entry)
+    from confide.strategies.aux_vectors import describe_aux  # the class is loaded: torch is
+
     return {
         "summary": doc[0] if doc else cls.__name__,
         "citation": cls.citation or "",
         "secure_aggregation": not getattr(cls, "requires_individual_updates", False),
         "params": params,
+        "aux_vectors": describe_aux(cls),
     }
 
 

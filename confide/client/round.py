@@ -13,6 +13,7 @@ import torch
 from confide.client.pipeline import ClientPipeline, StageContext
 from confide.client.trainer import FitOutput, LocalTrainer
 from confide.round import ClientResult, ClientTask, ResultBatch, column
+from confide.strategies.aux_vectors import check_aux_values
 from confide.strategies.base import Strategy
 
 __all__ = ["ClientTask", "ClientResult", "run_client_task", "finish_client_task",
@@ -45,6 +46,7 @@ def finish_client_task(task: ClientTask, out: FitOutput, strategy: Strategy,
         num_steps=out.num_steps, lr=task.settings.lr,
         momentum=task.settings.momentum if task.settings.optimizer == "sgd" else 0.0,
     )
+    check_aux_values(strategy, aux, dim=int(out.update.numel()))
     ctx = StageContext(server_round=task.server_round, client_id=task.client_id, seed=task.seed,
                        state=task.client_state)
     update = pipeline(out.update, ctx)
@@ -72,6 +74,8 @@ def finish_cohort(tasks: Sequence[ClientTask], updates: torch.Tensor, *,
     aux, new_state = strategy.client_finalize_batch(
         first.instructions, [t.client_state for t in tasks], updates,
         num_steps=list(num_steps), lr=settings.lr, momentum=momentum)
+    if aux or strategy.aux_names:
+        check_aux_values(strategy, aux, dim=int(updates.shape[1]), batched=True)
     contexts = [StageContext(server_round=t.server_round, client_id=t.client_id, seed=t.seed,
                              info=dict(info[i]) if info else {}, state=t.client_state)
                 for i, t in enumerate(tasks)]

@@ -254,8 +254,8 @@ class Coordinator:
             log.info("round %d: client %d dropped (%s)", rnd, cid, why)
         batch, rejected = accept_finite(batch)
         for cid in rejected:
-            log.warning("round %d: client %d sent a non-finite update; it is excluded",
-                        rnd, cid)
+            log.warning("round %d: client %d sent a non-finite update or aux vector; it is "
+                        "excluded", rnd, cid)
         self._require_quorum(len(batch) + reduced, rnd, sampled)
         return batch
 

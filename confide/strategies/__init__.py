@@ -20,6 +20,7 @@ named by a ``package.module:Class`` path in ``strategy.name``.
 """
 
 from confide.strategies.base import (
+    AuxVector,
     ClientRule,
     NoParams,
     RoundInstructions,
@@ -54,6 +55,7 @@ __all__ = [
     "NoParams",
     "param",
     "effective_local_steps",
+    "AuxVector",
     "FedAvg",
     "FedAvgM",
     "FedBuff",

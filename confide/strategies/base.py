@@ -28,6 +28,7 @@ import torch
 
 from confide.exceptions import ConfigError, StrategyError
 from confide.round import RoundInstructions
+from confide.strategies.aux_vectors import AuxVector
 
 __all__ = [
     "Strategy",
@@ -36,6 +37,7 @@ __all__ = [
     "NoParams",
     "param",
     "effective_local_steps",
+    "AuxVector",
 ]
 
 
@@ -97,8 +99,18 @@ class Strategy:
     Params: ClassVar[type] = NoParams
     #: Needs each client's update individually: incompatible with secure aggregation.
     requires_individual_updates: ClassVar[bool] = False
-    #: Names of auxiliary per-client vectors (same length as the model) summed like updates.
+    #: The auxiliary per-client vectors, summed like updates (the contract:
+    #: :mod:`confide.strategies.aux_vectors`). Declaring them sets ``aux_names``.
+    aux_vectors: ClassVar[tuple[AuxVector, ...]] = ()
+    #: Their names (a strategy that only names them gets model-length, unbounded vectors).
     aux_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("aux_vectors")
+        if (isinstance(declared, tuple) and "aux_names" not in cls.__dict__
+                and all(isinstance(a, AuxVector) for a in declared)):
+            cls.aux_names = tuple(a.name for a in declared)
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()

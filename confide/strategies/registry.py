@@ -15,6 +15,7 @@ import importlib
 from importlib.metadata import entry_points
 
 from confide.exceptions import StrategyError
+from confide.strategies.aux_vectors import check_aux_declaration
 from confide.strategies.base import Strategy
 from confide.validation import register_unknown_key_hint
 
@@ -48,6 +49,7 @@ def _check_contract(cls: object, where: str) -> type[Strategy]:
     if not isinstance(cls.aux_names, tuple) or not all(isinstance(a, str)
                                                        for a in cls.aux_names):
         raise StrategyError(f"{where}: {cls.__name__}.aux_names must be a tuple of names")
+    check_aux_declaration(cls, where)
     if (cls.requires_individual_updates
             and cls.aggregate_individual is Strategy.aggregate_individual):
         raise StrategyError(f"{where}: {cls.__name__} sets requires_individual_updates but "

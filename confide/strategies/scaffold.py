@@ -33,6 +33,7 @@ import torch
 from confide.exceptions import StrategyError
 from confide.round import column
 from confide.strategies.base import (
+    AuxVector,
     ClientRule,
     RoundInstructions,
     Strategy,
@@ -57,7 +58,9 @@ class Scaffold(Strategy):
     citation = "Karimireddy et al. 2020 (ICML), Algorithm 1, option II"
     Params = ScaffoldParams
     params: ScaffoldParams
-    aux_names = ("delta_c",)
+    #: Δc_i: model length; no a-priori bound (it moves with the gradients), so under secure
+    #: aggregation an entry beyond ``clipping_range`` is reported (aux_vectors, rule 3)
+    aux_vectors = (AuxVector("delta_c"),)
 
     def __init__(self, params: ScaffoldParams | None = None) -> None:
         super().__init__(params)

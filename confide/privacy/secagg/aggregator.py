@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +49,12 @@ from confide.privacy.secagg.protocol import (
     SecAggClient,
 )
 from confide.privacy.secagg.protocol_server import SecAggServer
-from confide.privacy.secagg.quantisation import Quantiser, centred_lift, check_capacity
+from confide.privacy.secagg.quantisation import (
+    Quantiser,
+    centred_lift,
+    check_capacity,
+    clipped_entries,
+)
 from confide.privacy.secagg.transport import InProcessMessagePath, run_secure_aggregation
 from confide.round import Aggregate, Aggregator, ClientResult, ResultBatch
 from confide.seeding import derive_rng
@@ -57,6 +62,19 @@ from confide.seeding import derive_rng
 __all__ = ["SecureAggregator", "RoundReport", "PROTOCOL_DROPOUT_STAGES", "ENCODED_INFO_KEY"]
 
 log = logging.getLogger("confide")
+
+
+def _report_clipping(quantiser: Quantiser, contributions: Iterable[Contribution],
+                     server_round: int) -> None:
+    """One warning per round when the fixed-point encoding clips entries (never silent)."""
+    counts = [clipped_entries(np.asarray(c.update), [np.asarray(a) for a in c.aux],
+                              clipping_range=quantiser.clipping_range) for c in contributions]
+    updates, aux = sum(u for u, _ in counts), sum(a for _, a in counts)
+    if updates or aux:
+        log.warning("secure aggregation, round %d: %d update and %d aux-vector entries lie "
+                    "beyond secure_aggregation.clipping_range = %g and are clipped, which "
+                    "changes the sum; raise clipping_range", server_round, updates, aux,
+                    quantiser.clipping_range)
 
 #: stages a simulated client can leave the protocol after (it answers, then goes silent)
 PROTOCOL_DROPOUT_STAGES = STAGES[:-1]
@@ -237,6 +255,7 @@ class SecureAggregator(Aggregator):
             quantiser = Quantiser(bits=bits, clipping_range=self.settings.clipping_range,
                                   max_weight=self.settings.max_weight, cohort_size=n)
             vector_length = quantiser.vector_length(dim, len(aux_names)) + len(META_FIELDS)
+            _report_clipping(quantiser, contributions.values(), server_round)
         drop_after = self._protocol_dropouts([r.client_id for r in results], server_round)
         report = RoundReport(server_round=server_round, cohort=[r.client_id for r in results],
                              degree=degree, threshold=threshold, bits=bits,

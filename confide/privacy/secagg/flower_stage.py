@@ -9,6 +9,7 @@ is :mod:`confide.server.secagg_transport`.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from confide.client.session import ClientSession
 
 __all__ = ["STAGE", "pack", "unpack", "request_bound", "handle_secagg_stage"]
+
+log = logging.getLogger("confide")
 
 STAGE = "secagg"
 _KEY = "confide.secagg"
@@ -71,7 +74,8 @@ def handle_secagg_stage(content: RecordDict, session: ClientSession) -> RecordDi
     the OS (never seeded).
     """
     from confide.privacy.secagg.aggregator import SecureAggregator
-    from confide.privacy.secagg.protocol import SecAggClient
+    from confide.privacy.secagg.protocol import INPUT_INTEGERS, SecAggClient
+    from confide.privacy.secagg.quantisation import clipped_entries
     from confide.seeding import derive_rng
 
     try:
@@ -93,8 +97,17 @@ def handle_secagg_stage(content: RecordDict, session: ClientSession) -> RecordDi
         aggregator = SecureAggregator(session.config)
         aux_names = sorted(session.last_result.aux)
         weighting = str(session.scratch.get("weighting", "examples"))
-        state["contribution"] = aggregator._contribution(  # noqa: SLF001 - same rule as sim
+        state["contribution"] = contribution = aggregator._contribution(  # noqa: SLF001
             session.last_result, weighting, aux_names)
+        if aggregator.input_mode != INPUT_INTEGERS:
+            c = session.config.secure_aggregation.clipping_range
+            clipped = clipped_entries(np.asarray(contribution.update),
+                                      [np.asarray(a) for a in contribution.aux],
+                                      clipping_range=c)
+            if any(clipped):  # never silent (confide.strategies.aux_vectors, rule 3)
+                log.warning("round %d: secure aggregation clips %d update and %d aux-vector "
+                            "entries of this client beyond clipping_range = %g", server_round,
+                            *clipped, c)
     request = unpack(content, "the coordinator's secure-aggregation request",
                      max_bytes=request_bound(num_clients=session.config.data.num_clients))
     reply = state["client"].handle(request, state["contribution"])

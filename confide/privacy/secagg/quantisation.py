@@ -31,7 +31,8 @@ import numpy as np
 from confide.exceptions import ConfigError, ProtocolError
 from confide.privacy.secagg.primitives import mask_dtype
 
-__all__ = ["Quantiser", "check_capacity", "stochastic_round", "centred_lift"]
+__all__ = ["Quantiser", "check_capacity", "clipped_entries", "stochastic_round",
+           "centred_lift"]
 
 
 def check_capacity(*, cohort_size: int, bits: int, max_weight: int) -> int:
@@ -61,6 +62,18 @@ def centred_lift(words: np.ndarray, bits: int) -> np.ndarray:
     """Map Z_{2^bits} to the integers in ``[-2^(bits-1), 2^(bits-1))`` (int64)."""
     signed = words.astype(np.int64) & np.int64((1 << bits) - 1)
     return np.where(signed >= (1 << (bits - 1)), signed - (1 << bits), signed)
+
+
+def clipped_entries(update: np.ndarray, aux: Sequence[np.ndarray], *,
+                    clipping_range: float) -> tuple[int, int]:
+    """How many entries of ``update`` and of the aux vectors step 1 clips.
+
+    Clipping changes the sum, so the callers report it, never silently (the strategy
+    aux-vector contract, :mod:`confide.strategies.aux_vectors`, rule 3).
+    """
+    c = clipping_range
+    return (int(np.count_nonzero(np.abs(update) > c)),
+            sum(int(np.count_nonzero(np.abs(a) > c)) for a in aux))
 
 
 @dataclass(frozen=True)
