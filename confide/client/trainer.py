@@ -19,7 +19,7 @@ from confide.parameters import flat_layout, get_flat_params, set_flat_params
 from confide.round import TrainSettings
 from confide.strategies.base import ClientRule
 
-__all__ = ["TrainSettings", "FitOutput", "LocalTrainer", "evaluate_model"]
+__all__ = ["TrainSettings", "FitOutput", "LocalOptimizer", "LocalTrainer", "evaluate_model"]
 
 
 @dataclass
@@ -37,6 +37,59 @@ def _param_slices(model: nn.Module) -> list[tuple[nn.Parameter, slice]]:
     by_name = dict(model.named_parameters())
     return [(by_name[e.name], slice(e.start, e.stop)) for e in flat_layout(model)
             if e.name in by_name]
+
+
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults
+ADAM_EPS = 1e-8
+
+
+class LocalOptimizer:
+    """``torch.optim.SGD`` (dampening 0, no Nesterov) or ``torch.optim.Adam`` (defaults), the
+    same update rules, element for element, without ``torch.optim``.
+
+    Why our own: constructing any ``torch.optim`` optimizer imports ``torch._dynamo`` (the
+    ``_disable_dynamo`` wrapper on ``Optimizer.__init__``), 2-7 s of a small job's start-up on
+    a 2-core machine (``benchmarks/cpu_default_job.py``); local training needs neither
+    compilation nor hooks. ``tests/client/test_local_optimizer.py`` holds it to
+    ``torch.optim`` step for step. DP-SGD keeps ``torch.optim`` (Opacus wraps it).
+    """
+
+    def __init__(self, params: list[nn.Parameter], s: TrainSettings) -> None:
+        self.params, self.s = params, s
+        self.state: dict[int, list[torch.Tensor]] = {}
+        self.steps: dict[int, int] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:  # noqa: D102
+        s = self.s
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad
+            if s.weight_decay:
+                g = g.add(p, alpha=s.weight_decay)
+            if s.optimizer == "adam":
+                beta1, beta2 = ADAM_BETAS
+                m, v = self.state.setdefault(i, [torch.zeros_like(p), torch.zeros_like(p)])
+                t = self.steps[i] = self.steps.get(i, 0) + 1  # per parameter, as torch
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                step_size = s.lr / (1 - beta1 ** t)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(ADAM_EPS)
+                p.addcdiv_(m, denom, value=-step_size)
+                continue
+            if s.momentum:
+                buf = self.state.get(i)
+                if buf is None:  # torch: the first buffer is a copy of d
+                    buf = self.state[i] = [torch.clone(g).detach()]
+                else:
+                    buf[0].mul_(s.momentum).add_(g)
+                g = buf[0]
+            p.add_(g, alpha=-s.lr)
 
 
 class LocalTrainer:
@@ -73,7 +126,7 @@ class LocalTrainer:
         global_params = global_params.to(self.device)
         set_flat_params(self.model, global_params)
         self.model.train()
-        opt = self._optimizer(settings)
+        opt = LocalOptimizer([p for p, _ in self._slices], settings)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         n = len(y)
         correction = (rule.gradient_correction.to(self.device)

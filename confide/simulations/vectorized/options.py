@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+# torch.optim.Adam's defaults, which LocalTrainer's optimizer uses
+from confide.client.trainer import ADAM_BETAS, ADAM_EPS
+
 __all__ = ["VectorizedOptions", "DROP_MESSAGE", "OPTIMIZERS", "ADAM_BETAS", "ADAM_EPS",
            "autocast"]
 
@@ -16,9 +19,6 @@ __all__ = ["VectorizedOptions", "DROP_MESSAGE", "OPTIMIZERS", "ADAM_BETAS", "ADA
 DROP_MESSAGE = "client left mid-round (fault injection)"
 #: local optimizers with a vectorised update rule
 OPTIMIZERS = ("sgd", "adam")
-# torch.optim.Adam's defaults, which LocalTrainer uses
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 
 
 @dataclass(frozen=True)
