@@ -9,7 +9,8 @@ Alg. 1, on a virtual clock:
 2. Arrivals are taken in finishing order. An update's staleness ``τ`` is the number of server
    updates since its client started; it joins the buffer weighted by ``s(τ)`` (the
    strategy's rule; staler than ``max_staleness``: dropped). A finished client is replaced at
-   once by a new one, drawn uniformly from the idle clients.
+   once by a new one, drawn uniformly from the idle clients (a client whose result waits in
+   the buffer is not idle: it contributes at most once to each buffer).
 3. Every ``buffer_size`` arrivals the buffer is one round of the ordinary round contracts:
    :meth:`Coordinator.complete_round` aggregates it (under secure aggregation the buffer is
    one SecAgg instance over the clients that fill it, as in Huba et al., "Papaya", MLSys 2022,
@@ -69,6 +70,8 @@ class BufferedCoordinator(Coordinator):
     _version: int = 0
     _dispatched: int = 0
     _clock: Any = None
+    #: clients whose result waits in the buffer being filled: not idle until it is aggregated
+    _buffered: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +105,7 @@ class BufferedCoordinator(Coordinator):
             self._clock = VirtualClock(start=self.virtual_time)
             self._start(self.concurrency, at=self.virtual_time)
         buffer: list[tuple[_Flight, float]] = []
+        self._buffered = set()
         t_train = 0.0
         while len(buffer) < k:
             t_train += self._train_pending()
@@ -109,6 +113,7 @@ class BufferedCoordinator(Coordinator):
                 raise ConfigError("no client is in flight: every client dropped out")
             when, cid = self._clock.pop_finished()
             flight = self._flights.pop(cid)
+            self._buffered.add(cid)
             self._start(1, at=when)  # a finished client is replaced at once
             weight = self.strategy.staleness_weight(  # type: ignore[attr-defined]
                 self._version - flight.version)
@@ -122,8 +127,11 @@ class BufferedCoordinator(Coordinator):
                          cid)
             else:
                 buffer.append((flight, weight))
+                continue
+            self._buffered.discard(cid)  # it left nothing in the buffer
         self.virtual_time = float(self._clock.now)
         t_train += self._train_pending()  # clients started from this model train on it
+        self._buffered = set()
         batch = self._buffer_batch(buffer)
         self._row_extras = {"mean_staleness": float(np.mean([self._version - f.version
                                                               for f, _ in buffer]))}
@@ -133,7 +141,9 @@ class BufferedCoordinator(Coordinator):
 
     def _start(self, n: int, *, at: float) -> None:
         """Start ``n`` idle clients at virtual time ``at`` from the current model."""
-        busy = set(self._flights)
+        # A client contributes at most once to a buffer: one SecAgg instance has one input per
+        # client, and client-level DP's sensitivity (one clipped update) assumes it.
+        busy = set(self._flights) | self._buffered
         idle = np.array([c for c in range(self.num_clients) if c not in busy])
         if not len(idle):
             return
