@@ -12,11 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
 
 
 def child_env() -> dict[str, str]:
@@ -129,6 +132,53 @@ def write_partitions(job: Path, folder: Path, overrides: list[str] | None = None
         np.savez(path, x=sim.dataset.x_train[part], y=sim.dataset.y_train[part])
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------- in process
+
+
+class LoopbackGrid(Grid):
+    """Each pushed message goes to its node's ClientApp at once; replies wait to be pulled."""
+
+    def __init__(self, apps: dict[int, object]) -> None:
+        self.apps = apps
+        self.replies: dict[str, Message] = {}
+        self.pulled: list[Message] = []
+        self.pushed: list[Message] = []
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
+                                    run_config={}) for n in apps}
+
+    def push_messages(self, messages):  # noqa: D102
+        ids = []
+        for m in messages:
+            self.pushed.append(m)
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            node = m.metadata.dst_node_id
+            self.replies[mid] = self.apps[node](m, self.contexts[node])
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):  # noqa: D102
+        out = [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
+        self.pulled.extend(out)  # every message the coordinator receives
+        return out
+
+    def get_node_ids(self):  # noqa: D102
+        return list(self.apps)
+
+    def create_message(self, *args, **kwargs):  # noqa: D102
+        raise NotImplementedError
+
+    def send_and_receive(self, *args, **kwargs):  # noqa: D102
+        raise NotImplementedError
+
+    def set_run(self, run_id):  # noqa: D102
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        return None
 
 
 # --------------------------------------------------------------------------- capture
