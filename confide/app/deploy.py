@@ -178,8 +178,8 @@ def check_deployable(config: Config) -> None:
     if getattr(strategy, "asynchronous", False):
         from confide.config import check_fedbuff
 
-        check_fedbuff(buffer_size=int(config.strategy.options.get(
-            "buffer_size", strategy.Params().buffer_size)),  # type: ignore[attr-defined]
+        check_fedbuff(buffer_size=config.strategy.options.get(
+            "buffer_size", strategy.Params().buffer_size),  # type: ignore[attr-defined]
             concurrency=config.simulation.concurrency or config.data.num_clients)
         if config.secure_aggregation.enabled:
             raise ConfigError("FedBuff with secure aggregation runs in simulation only for now: "

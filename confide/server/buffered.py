@@ -106,6 +106,8 @@ class BufferedCoordinator(Coordinator):
         k = int(self.strategy.params.buffer_size)
         self.privacy.check_budget(rnd, k)
         if self._clock is None:
+            # after a resume the model is the one of `completed_rounds` server updates
+            self._version = self.completed_rounds
             self._clock = VirtualClock(start=self.virtual_time)
             self._start(self.concurrency, at=self.virtual_time)
         buffer: list[tuple[_Flight, float]] = []
@@ -251,6 +253,8 @@ class ArrivalCoordinator(BufferedCoordinator):
         self.privacy.check_budget(rnd, k)
         self._resting = set()
         self._buffered = set()
+        if not self._flights and not self._leftover:  # the start, or a resume
+            self._version = self.completed_rounds
         buffer: list[tuple[_Flight, float]] = []
         self._top_up(rnd, 0)
         while len(buffer) < k:
