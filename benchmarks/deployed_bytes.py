@@ -114,8 +114,8 @@ def main() -> None:  # noqa: D103
                      f"{r['final_test_accuracy']:.4f} |")
     lines += ["", "Command: `python benchmarks/deployed_bytes.py`. Ratio = socket / history; "
               "the socket count is the recording proxy's, after enrolment. Transport = "
-              "socket - history: TLS records, HTTP requests, polls and heartbeats, about "
-              "constant per second of run, so the ratio is within 5% only when the messages "
+              "socket - history: TLS records, HTTP requests, polls and heartbeats, a few "
+              "hundred KB per run here, so the ratio is within 5% only when the messages "
               "dominate (see qsgd-small)."]
     (args.out / "deployed_bytes.md").write_text("\n".join(lines) + "\n")
 
