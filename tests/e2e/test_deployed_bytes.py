@@ -60,7 +60,7 @@ def test_deployed_fedbuff_bytes_match_the_socket_count(tmp_path, capsys):
     assert all(r["num_clients"] == 2 for r in history)  # every server update is one buffer
     # asynchronous: the client left out of a buffer keeps training on the older model
     assert any(r["mean_staleness"] > 0 for r in history)
-    assert "buffer" not in run.server_stderr.lower() or "dropped" not in run.server_stderr
+    assert "dropped" not in run.server_stderr  # every task sent was answered and used
     assert history[-1]["test_accuracy"] > 0.5
     _check_against_socket(run)
 
