@@ -12,11 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
 
 
 def child_env() -> dict[str, str]:
@@ -136,6 +139,53 @@ def write_partitions(job: Path, folder: Path, overrides: list[str] | None = None
         np.savez(path, x=sim.dataset.x_train[part], y=sim.dataset.y_train[part])
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------- in process
+
+
+class LoopbackGrid(Grid):
+    """Each pushed message goes to its node's ClientApp at once; replies wait to be pulled."""
+
+    def __init__(self, apps: dict[int, object]) -> None:
+        self.apps = apps
+        self.replies: dict[str, Message] = {}
+        self.pulled: list[Message] = []
+        self.pushed: list[Message] = []
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
+                                    run_config={}) for n in apps}
+
+    def push_messages(self, messages):  # noqa: D102
+        ids = []
+        for m in messages:
+            self.pushed.append(m)
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            node = m.metadata.dst_node_id
+            self.replies[mid] = self.apps[node](m, self.contexts[node])
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):  # noqa: D102
+        out = [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
+        self.pulled.extend(out)  # every message the coordinator receives
+        return out
+
+    def get_node_ids(self):  # noqa: D102
+        return list(self.apps)
+
+    def create_message(self, *args, **kwargs):  # noqa: D102
+        raise NotImplementedError
+
+    def send_and_receive(self, *args, **kwargs):  # noqa: D102
+        raise NotImplementedError
+
+    def set_run(self, run_id):  # noqa: D102
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        return None
 
 
 # --------------------------------------------------------------------------- capture
@@ -272,3 +322,76 @@ def read_json(path: Path) -> object:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+# --------------------------------------------------------------------------- wire bytes
+
+
+@dataclass
+class DeployedRun:
+    """A finished deployed job: its history, and the bytes its clients' sockets carried."""
+
+    history: list[dict]
+    #: bytes the clients sent / received on their TCP connections to the coordinator after
+    #: enrolment, counted by the recording proxy (ciphertext: TLS records with their framing)
+    socket_up: int
+    socket_down: int
+    server_stderr: str
+
+
+def run_deployed_job(folder: Path, job: Path, run_cli: Callable, capsys: object, *,
+                     clients: int = 3, timeout: float = 400) -> DeployedRun:
+    """Enrol ``clients`` client processes through a :class:`RecordingProxy`, run ``job`` on
+    ``confide server start`` over loopback TLS, and count what crossed the clients' sockets.
+
+    Enrolment connections are left out of the socket count: the history counts the job's
+    messages, not the one-off enrolment.
+    """
+    data = write_partitions(job, folder)
+    fed = folder / "fed"
+    code, _, err = run_cli(["ca", "init", str(fed), "--name", "e2e"], capsys)
+    if code != 0:
+        raise AssertionError(err)
+    tokens = []
+    for i in range(clients):
+        code, out, err = run_cli(["enrol", "token", "--ca", str(fed), "--name", f"c{i}",
+                                  "--expires", "1h"], capsys)
+        if code != 0:
+            raise AssertionError(err)
+        tokens.append(out.strip())
+    port = free_port()
+    run = folder / "run"
+    with processes(folder) as procs:
+        server = procs.start("server", ["server", "start", "--ca", str(fed), "--config",
+                                        str(job), "--port", str(port), "--output", str(run),
+                                        "--wait", "240", "--round-timeout", "120"])
+        wait_for(lambda: port_open(port) or server.popen.poll() is not None, 120,
+                 "the coordinator to listen")
+        if server.popen.poll() is not None:
+            raise AssertionError(server.stderr())
+        proxy = RecordingProxy(port)
+        try:
+            enrols = [procs.start(f"enrol{i}", [
+                "client", "enrol", "--coordinator", f"127.0.0.1:{proxy.port}", "--token",
+                tokens[i], "--dir", str(folder / f"c{i}")]) for i in range(clients)]
+            for p in enrols:
+                if p.wait(120) != 0:
+                    raise AssertionError(p.stderr())
+            first_job_stream = len(proxy.streams)
+            started = [procs.start(f"client{i}", [
+                "client", "start", "--dir", str(folder / f"c{i}"), "--data", str(data[i]),
+                "--threads", "1"]) for i in range(clients)]
+            if server.wait(timeout) != 0:
+                raise AssertionError(server.stderr()[-3000:])
+            for c in started:
+                if c.wait(60) != 0:
+                    raise AssertionError(c.stderr()[-3000:])
+        finally:
+            proxy.close()
+    streams = proxy.streams[first_job_stream:]
+    history = read_json(run / "history.json")
+    if not isinstance(history, list):
+        raise AssertionError("no history.json")
+    return DeployedRun(history=history, socket_up=sum(len(u) for u, _ in streams),
+                       socket_down=sum(len(d) for _, d in streams),
+                       server_stderr=server.stderr())

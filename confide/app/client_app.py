@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from confide.app.job import build_job
+from confide.client.compression import RESIDUAL_KEY, CompressionStage
 from confide.client.data import ClientDataSource
 from confide.client.messages import JobSpec, decode_task, encode_result
 from confide.client.pipeline import ClientPipeline
@@ -77,8 +78,8 @@ class TaskRunner:
 
     def __init__(self, source: ClientDataSource, *, device: str | None = None,
                  allowed_model_factories: tuple[str, ...] | None = (),
-                 secret_noise_seeds: bool = True, local_secure_aggregation: bool = True
-                 ) -> None:
+                 secret_noise_seeds: bool = True, local_secure_aggregation: bool = True,
+                 local_client_state: bool = True) -> None:
         self.source = source
         self.device_spec = device
         #: DP-SGD noise from a seed only this client knows (deployment); simulation keeps
@@ -87,6 +88,11 @@ class TaskRunner:
         #: with secure aggregation on, keep the update here and answer the SecAgg stages
         #: (deployment); simulation's in-process aggregator needs the update instead
         self.local_secure_aggregation = local_secure_aggregation
+        #: keep compression's error-feedback residual here between rounds (deployment): the
+        #: residual is what this client did not send, and sending it would undo compression
+        #: (and show the coordinator the dense update); simulation keeps it with the
+        #: coordinator, in its checkpoint
+        self.local_client_state = local_client_state
         #: ``module:factory`` models this client agrees to import; None allows any (simulation)
         self.allowed_model_factories = allowed_model_factories
         self._built: dict[str, _BuiltJob] = {}
@@ -119,6 +125,9 @@ class TaskRunner:
             raise ModelError(f"the job's model has {job.num_params} parameters but this client "
                              f"builds {spec.dim}; versions differ?")
         strategy, privacy = spec.strategy, spec.privacy
+        for stage in spec.pipeline.stages:
+            if isinstance(stage, CompressionStage):  # the reply carries the payload itself
+                stage.keep_payload = True
         trainer = privacy.make_trainer(spec.model_factory(), device)
         built = _BuiltJob(config=config, strategy=strategy,
                           pipeline=spec.pipeline, trainer=trainer,
@@ -155,7 +164,12 @@ class TaskRunner:
         # retried round, or a resumed coordinator sending its interrupted round again).
         session.scratch.pop(STAGE, None)
         session.scratch["weighting"] = built.weighting
+        kept = session.scratch.get(RESIDUAL_KEY) if self.local_client_state else None
+        if kept is not None and int(kept.numel()) == job.num_params:
+            task.client_state = {**task.client_state, RESIDUAL_KEY: kept}
         result = run_client_task(task, built.trainer, x, y, built.strategy, built.pipeline)
+        if self.local_client_state and RESIDUAL_KEY in result.new_state:
+            session.scratch[RESIDUAL_KEY] = result.new_state.pop(RESIDUAL_KEY)
         session.last_result = result
         return result
 

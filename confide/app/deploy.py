@@ -39,6 +39,7 @@ import httpx
 import torch
 
 from confide.client.messages import JobSpec
+from confide.compression import UpdateCodec
 from confide.config import Config, dump_config
 from confide.exceptions import (
     CheckpointError,
@@ -47,6 +48,7 @@ from confide.exceptions import (
     DataError,
     RoundFailedError,
 )
+from confide.server.buffered import ArrivalCoordinator
 from confide.server.ca import load_federation
 from confide.server.checkpoint import check_resumable, resume_job
 from confide.server.enrolment import ClientRecord, EnrolmentAuthority
@@ -170,10 +172,22 @@ def check_deployable(config: Config) -> None:
     if config.simulation.dropout_rate > 0:
         raise ConfigError("simulation.dropout_rate injects faults in simulation only; set it "
                           "to 0 for a deployed job")
-    if config.secure_aggregation.enabled:
-        from confide.strategies.registry import get_strategy
+    from confide.strategies.registry import get_strategy
 
-        strategy = get_strategy(config.strategy.name)
+    strategy = get_strategy(config.strategy.name)
+    if getattr(strategy, "asynchronous", False):
+        from confide.config import check_fedbuff
+
+        check_fedbuff(buffer_size=config.strategy.options.get(
+            "buffer_size", strategy.Params().buffer_size),  # type: ignore[attr-defined]
+            concurrency=config.simulation.concurrency or config.data.num_clients)
+        if config.secure_aggregation.enabled:
+            raise ConfigError("FedBuff with secure aggregation runs in simulation only for now: "
+                              "a deployed client's masked input would have to carry the "
+                              "staleness weight its arrival decides; set "
+                              "secure_aggregation.enabled = false or use a synchronous "
+                              "strategy for a deployed job")
+    if config.secure_aggregation.enabled:
         if strategy.aux_names:
             raise ConfigError(f"strategy {config.strategy.name!r} keeps per-client state "
                               "that would leave clients in the clear; under secure "
@@ -330,15 +344,24 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path | None,
                                                    or options.round_timeout_s),
                                     poll_interval=options.poll_interval_s,
                                     max_poll_interval=options.max_poll_interval_s,
-                                    vectors_in_replies=not config.secure_aggregation.enabled)
+                                    vectors_in_replies=not config.secure_aggregation.enabled,
+                                    codec=UpdateCodec.from_config(config))
             if config.secure_aggregation.enabled:
                 aggregator.executor = executor
 
             def main(grid_: Any, _context: Any) -> None:
-                coordinator = Coordinator(
+                common: dict[str, Any] = dict(
                     config=config, strategy=strategy, executor=executor, aggregator=aggregator,
                     privacy=privacy, params=params, num_clients=n, client_sizes=[0] * n,
                     evaluator=evaluator, run_dir=run_dir, on_round_end=on_round_end)
+                coordinator: Coordinator
+                if getattr(strategy, "asynchronous", False):  # FedBuff: work as clients free up
+                    coordinator = ArrivalCoordinator(
+                        **common, concurrency=config.simulation.concurrency or n,
+                        arrival_timeout_s=config.cohort.train_timeout_s
+                        or options.round_timeout_s)
+                else:
+                    coordinator = Coordinator(**common)
                 if state is not None:  # the ledger is reconciled with the file in run()
                     coordinator.restore(state)
                     log.info("resuming %s after round %d", run_dir, coordinator.completed_rounds)

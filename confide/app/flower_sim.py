@@ -30,6 +30,7 @@ from confide.app.client_app import TaskRunner, build_client_app
 from confide.client import ClientTask
 from confide.client.data import PartitionedData
 from confide.client.messages import JobSpec
+from confide.compression import UpdateCodec
 from confide.config import dump_config
 from confide.exceptions import ConfigError, RoundFailedError
 from confide.parameters import num_params
@@ -65,7 +66,8 @@ class _RunnerHandle:
                                              [npz[f"p{i}"] for i in range(n)])
                 runner = TaskRunner(source, device=self.device, allowed_model_factories=None,
                                     secret_noise_seeds=False,
-                                    local_secure_aggregation=False)
+                                    local_secure_aggregation=False,
+                                    local_client_state=False)
                 _RUNNERS[self.data_path] = runner
             return runner
 
@@ -175,7 +177,8 @@ class FlowerSimulationExecutor(SimulationExecutor):
                                    "Flower nodes answered")
         self._executor = GridExecutor(grid=grid, nodes=_PartitionDirectory(mapping),
                                       job=self._job(), aux_names=ctx.strategy.aux_names,
-                                      poll_interval=0.01)
+                                      poll_interval=0.01,
+                                      codec=UpdateCodec.from_config(ctx.config))
 
     # ------------------------------------------------------------------ executor API
     def run_cohort(self, tasks: Sequence[ClientTask]) -> CohortOutcome:  # noqa: D102

@@ -14,6 +14,7 @@ coordinator's ``client_states`` and into the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,7 +23,8 @@ from confide.client.pipeline import StageContext
 from confide.compression import UpdateCodec
 from confide.exceptions import ConfigError
 
-__all__ = ["CompressionStage", "RESIDUAL_KEY", "BYTES_UP_KEY", "DIM_KEY", "ROUND_KEY"]
+__all__ = ["CompressionStage", "RESIDUAL_KEY", "BYTES_UP_KEY", "DIM_KEY", "ROUND_KEY",
+           "PAYLOAD_KEY"]
 
 #: client-state key of the error-feedback residual ``e``
 RESIDUAL_KEY = "compression_residual"
@@ -32,6 +34,9 @@ BYTES_UP_KEY = "bytes_up"
 DIM_KEY = "compression_dim"
 #: ``StageContext.info`` key: the round whose shared seeds the payload used
 ROUND_KEY = "compression_round"
+#: ``StageContext.info`` key (with ``keep_payload``): this client's own
+#: :class:`~confide.compression.CompressedUpdate`, what a deployed client sends in its reply
+PAYLOAD_KEY = "compression_payload"
 
 
 class CompressionStage:
@@ -41,13 +46,19 @@ class CompressionStage:
     are passed through uncompressed and counted as float32. ``clip_norm`` (client-level DP)
     returns the clip norm of the round, applied to ``u + e`` before compressing so the sent
     vector stays within the mechanism's sensitivity.
+
+    ``keep_payload`` (a deployed client): each client's payload rows are also kept under
+    :data:`PAYLOAD_KEY`, so its reply carries the compressed arrays, not the dense vector
+    (:func:`confide.client.messages.encode_result`); the coordinator decodes them.
     """
 
     def __init__(self, codec: UpdateCodec, *, dim: int,
-                 clip_norm: Callable[[], float | None] | None = None) -> None:
+                 clip_norm: Callable[[], float | None] | None = None,
+                 keep_payload: bool = False) -> None:
         self.codec = codec
         self.dim = int(dim)
         self.clip_norm = clip_norm
+        self.keep_payload = keep_payload
 
     def __call__(self, update: torch.Tensor, context: StageContext) -> torch.Tensor:
         """The per-client form: one row of :meth:`batch`."""
@@ -77,4 +88,7 @@ class CompressionStage:
             ctx.info[ROUND_KEY] = server_round  # whose shared seed chose random-k's support
             if new_residuals is not None:
                 ctx.new_state[RESIDUAL_KEY] = new_residuals[row]
+            if self.keep_payload and not tail.shape[1]:
+                ctx.info[PAYLOAD_KEY] = dataclasses.replace(payload, arrays={
+                    k: v[row:row + 1].detach().cpu() for k, v in payload.arrays.items()})
         return torch.cat([dense, tail], dim=1) if tail.shape[1] else dense

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from confide.client.compression import BYTES_UP_KEY, PAYLOAD_KEY
 from confide.client.round import ClientResult, ClientTask
 from confide.client.trainer import TrainSettings
+from confide.compression import CompressedUpdate, UpdateCodec
 from confide.exceptions import ProtocolError
 from confide.strategies.base import RoundInstructions
 
@@ -57,6 +59,10 @@ FINISH = "query.confide_finish"
 
 _TASK, _TENSORS, _JOB = "confide.task", "confide.tensors", "confide.job"
 _RESULT, _RESULT_TENSORS = "confide.result", "confide.result_tensors"
+#: prefix of a compressed update's arrays in a reply
+_PAYLOAD = "payload."
+#: the ``.npy`` dtypes of compressed payload arrays (confide.compression's wire layouts)
+_PAYLOAD_DTYPES = ("<f4", ">f4", "|u1", "<i4", ">i4")
 _SCALARS = (int, float, str, bool)
 #: metric/info entries a client may report per round
 _MAX_ENTRIES = 64
@@ -320,8 +326,15 @@ def encode_result(result: ClientResult, *, include_vectors: bool = True) -> Reco
         elif isinstance(v, torch.Tensor) and v.numel() == 1:
             cfg[f"info.{k}"] = float(v)
     tensors: dict[str, Array] = {}
-    if include_vectors:
+    payload = result.info.get(PAYLOAD_KEY)
+    if include_vectors and isinstance(payload, CompressedUpdate) and \
+            payload.dim == int(result.update.numel()):
+        # the compressed arrays travel, not the dense vector they decode to
+        for k, t in payload.arrays.items():
+            tensors[f"{_PAYLOAD}{k}"] = tensor_to_array(t)
+    elif include_vectors:
         tensors["update"] = tensor_to_array(result.update)
+    if include_vectors:
         for k, t in result.aux.items():
             tensors[f"aux.{k}"] = tensor_to_array(t)
         for k, t in result.new_state.items():
@@ -330,11 +343,17 @@ def encode_result(result: ClientResult, *, include_vectors: bool = True) -> Reco
 
 
 def decode_result(content: RecordDict, *, client_id: int, num_params: int,
-                  aux_names: tuple[str, ...] = (), with_vectors: bool = True) -> ClientResult:
+                  aux_names: tuple[str, ...] = (), with_vectors: bool = True,
+                  codec: UpdateCodec | None = None, server_round: int = 0) -> ClientResult:
     """A client's reply, checked: its id, vector lengths, counts and metric sizes.
 
     With ``with_vectors=False`` the reply must carry no vectors at all (secure aggregation:
     they arrive masked later); the result then holds zero placeholders of the right shape.
+    A compressed update (``payload.*`` arrays) is decoded with ``codec``, the job's own,
+    for ``server_round``, the round of the task it answers: method, bits, dim, scale and
+    the shared seed come from the coordinator's side, never from the reply
+    (:class:`~confide.compression.CompressedUpdate`). Its ``info["bytes_up"]`` is then the
+    size of the arrays received, not what the client claims.
     """
     what = f"reply of client {client_id}"
     try:
@@ -350,6 +369,7 @@ def decode_result(content: RecordDict, *, client_id: int, num_params: int,
         raise ProtocolError(f"{what}: negative counts")
     if len(cfg) > 3 + 2 * _MAX_ENTRIES or len(tensors) > 1 + 2 * _MAX_ENTRIES:
         raise ProtocolError(f"{what}: too many entries")
+    payload_bytes: int | None = None
     if not with_vectors:
         if len(tensors):
             raise ProtocolError(f"{what}: vectors in the clear under secure aggregation")
@@ -359,7 +379,11 @@ def decode_result(content: RecordDict, *, client_id: int, num_params: int,
         update = torch.zeros(num_params)
         aux = {k: torch.zeros(num_params) for k in aux_names}
     else:
-        update = array_to_tensor(tensors.get("update"), name="update", length=num_params)
+        if any(k.startswith(_PAYLOAD) for k in tensors.keys()):
+            update, payload_bytes = _decode_payload(tensors, what=what, num_params=num_params,
+                                                    codec=codec, server_round=server_round)
+        else:
+            update = array_to_tensor(tensors.get("update"), name="update", length=num_params)
         aux = {k[len("aux."):]: array_to_tensor(v, name=k, length=num_params)
                for k, v in tensors.items() if k.startswith("aux.")}
     missing = [a for a in aux_names if a not in aux]
@@ -374,8 +398,37 @@ def decode_result(content: RecordDict, *, client_id: int, num_params: int,
                 raise ProtocolError(f"{what}: metric {k!r} is not a number")
             metrics[k[len("metric."):]] = _number(v, k, what)
     info = {k[len("info."):]: v for k, v in cfg.items() if k.startswith("info.")}
+    if payload_bytes is not None:
+        info[BYTES_UP_KEY] = payload_bytes
+    else:
+        info.pop(BYTES_UP_KEY, None)  # a dense reply: the coordinator counts it itself
     if "train_loss" in metrics and not math.isfinite(metrics["train_loss"]):
         metrics["train_loss"] = float("nan")
     return ClientResult(client_id=client_id, update=update, num_examples=num_examples,
                         num_steps=num_steps, metrics=metrics, aux=aux, new_state=state,
                         info=info)
+
+
+def _decode_payload(tensors: Any, *, what: str, num_params: int, codec: UpdateCodec | None,
+                    server_round: int) -> tuple[torch.Tensor, int]:
+    """A reply's compressed update, decoded; and the bytes of its arrays."""
+    if codec is None or codec.method == "none":
+        raise ProtocolError(f"{what}: a compressed update for a job without compression")
+    if "update" in tensors.keys():
+        raise ProtocolError(f"{what}: both a dense and a compressed update")
+    arrays: dict[str, torch.Tensor] = {}
+    nbytes = 0
+    for key, value in tensors.items():
+        if not key.startswith(_PAYLOAD):
+            continue
+        arr = array_to_numpy(value, name=key, dtypes=_PAYLOAD_DTYPES,
+                             max_entries=2 * num_params + 2, expected="a payload array")
+        host = arr.astype(arr.dtype.newbyteorder("="), copy=True)
+        arrays[key[len(_PAYLOAD):]] = torch.from_numpy(host)
+        nbytes += int(host.nbytes)
+    payload = CompressedUpdate(method=codec.method, dim=num_params, arrays=arrays,
+                               bits=codec.bits, server_round=server_round, scale=codec.scale)
+    dense = codec.decode(payload)  # checks the layout: a malformed payload is a ProtocolError
+    if dense.shape[0] != 1:
+        raise ProtocolError(f"{what}: a payload of {dense.shape[0]} clients")
+    return dense.reshape(-1).to(torch.float32), nbytes

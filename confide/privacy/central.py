@@ -37,7 +37,7 @@ import torch
 from confide.client.pipeline import StageContext, UpdateStage
 from confide.exceptions import ConfigError, PrivacyError
 from confide.privacy.accounting import PrivacyEvent, calibrate_noise_multiplier, epsilon_of
-from confide.privacy.ledger import POPULATION, LedgeredPrivacy
+from confide.privacy.ledger import POPULATION, LedgeredPrivacy, cohort_sampling
 from confide.privacy.mechanisms import (
     AdaptiveClipping,
     GaussianMechanism,
@@ -96,7 +96,7 @@ class CentralDP(LedgeredPrivacy):
     def from_config(cls, config: Config, *, num_clients: int) -> CentralDP:
         """Build from ``[privacy]``; calibrates ``z`` from ``target_epsilon`` when needed."""
         p = config.privacy
-        expected, q = _cohort_sampling(config, num_clients)
+        expected, q = cohort_sampling(config, num_clients)
         if p.noise_multiplier is None and p.target_epsilon is None:
             raise ConfigError(f"privacy.mode = {p.mode!r} needs privacy.noise_multiplier or "
                               "privacy.target_epsilon (to calibrate the multiplier)")
@@ -242,25 +242,6 @@ class CentralDP(LedgeredPrivacy):
         self.mechanism = GaussianMechanism(clip_norm=clip,
                                            noise_multiplier=self._update_noise_multiplier())
         self.ledger.settings.update(self._settings())
-
-
-def _cohort_sampling(config: Config, num_clients: int) -> tuple[float, float]:
-    """The expected contributors per aggregate and the sampling rate the accountant may use.
-
-    Synchronous rounds sample a Poisson cohort (rate q = size / N; McMahan et al. 2018,
-    Alg. 1). An asynchronous strategy's aggregate holds whoever finished first, not a random
-    sample: no amplification by sampling is claimed (q = 1), and the denominator is the
-    fixed buffer size (Nguyen et al. 2022, Alg. 1).
-    """
-    from confide.strategies.registry import get_strategy
-
-    strategy = get_strategy(config.strategy.name)
-    if getattr(strategy, "asynchronous", False):
-        k = config.strategy.options.get("buffer_size",
-                                        strategy.Params().buffer_size)  # type: ignore[attr-defined]
-        return float(k), 1.0
-    expected = config.cohort_size()
-    return float(expected), expected / num_clients
 
 
 class _ClipStage:

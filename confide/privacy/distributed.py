@@ -74,10 +74,11 @@ from confide.privacy.discrete_gaussian import (  # re-exported: the mechanism's 
     sample_discrete_gaussian,
     unrotate,
 )
-from confide.privacy.ledger import POPULATION, LedgeredPrivacy
+from confide.privacy.ledger import POPULATION, LedgeredPrivacy, cohort_sampling
 from confide.privacy.mechanisms import l2_clip
 from confide.privacy.secagg.aggregator import ENCODED_INFO_KEY, PROTOCOL_DROPOUT_STAGES
 from confide.seeding import derive_seed
+from confide.strategies.registry import get_strategy
 
 if TYPE_CHECKING:
     from confide.config import Config
@@ -223,8 +224,19 @@ class DistributedDP(LedgeredPrivacy):
         if p.noise_multiplier is not None and p.noise_multiplier == 0:
             raise ConfigError("privacy.noise_multiplier = 0 adds no noise; give a multiplier "
                               "> 0, or set privacy.mode = 'off'")
-        expected = config.cohort_size()
-        q = expected / num_clients
+        expected_f, q = cohort_sampling(config, num_clients)  # FedBuff: K clients, q = 1
+        expected = int(expected_f)
+        strategy = get_strategy(config.strategy.name)
+        asynchronous = bool(getattr(strategy, "asynchronous", False))
+        staleness = config.strategy.options.get(
+            "staleness", getattr(strategy.Params(), "staleness", "constant"))
+        if asynchronous and staleness != "constant":
+            # Each client's update is clipped and encoded into Z_2^b by its own pipeline
+            # (Kairouz et al. 2021, Alg. 1) before its staleness is known; the coordinator
+            # cannot scale one input inside the secure sum, so s(τ) cannot be applied.
+            raise ConfigError("privacy.mode = 'distributed' under FedBuff needs "
+                              "strategy.staleness = 'constant': an update encoded for the "
+                              "secure sum cannot be weighted by its staleness afterwards")
         # Noise shares are sized for the clients expected to reach the sum: fewer than
         # the expected cohort when the simulation drops clients before their input is sent.
         sim = config.simulation
@@ -233,9 +245,10 @@ class DistributedDP(LedgeredPrivacy):
         rounds = config.run.rounds
         # Poisson sampling: the realised count wanders around its mean; a 3-sigma margin on
         # the average over the run keeps the budget from running out before the last round.
-        margin = 1 - 3 / math.sqrt(max(expected * rounds, 1))
+        margin = 1.0 if asynchronous else 1 - 3 / math.sqrt(max(expected * rounds, 1))
         n_cal = max(2, math.floor(expected * (1 - lost) * margin))
-        max_clients = min(num_clients, math.ceil(expected + 4 * math.sqrt(expected) + 1))
+        max_clients = expected if asynchronous else min(
+            num_clients, math.ceil(expected + 4 * math.sqrt(expected) + 1))
         common = dict(clip_norm=p.clip_norm, bits=sa.bits, dim=dim, sample_rate=q,
                       expected_clients=expected, max_clients=max_clients, delta=p.delta,
                       target_epsilon=p.target_epsilon, seed=config.run.seed,

@@ -32,7 +32,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confide.exceptions import PrivacyBudgetExceeded, PrivacyError
 from confide.files import atomic_write_text
@@ -45,7 +45,10 @@ from confide.privacy.accounting import (
 )
 from confide.privacy.base import RoundPrivacy
 
-__all__ = ["LEDGER_NAME", "LEDGER_FORMAT", "PrivacyAccount", "PrivacyLedger",
+if TYPE_CHECKING:
+    from confide.config import Config
+
+__all__ = ["cohort_sampling", "LEDGER_NAME", "LEDGER_FORMAT", "PrivacyAccount", "PrivacyLedger",
            "LedgeredPrivacy", "load_ledger"]
 
 log = logging.getLogger("confide")
@@ -327,3 +330,22 @@ class LedgeredPrivacy(RoundPrivacy):
                                f"{self.ledger.mode!r} with {self.ledger.accountant!r}")
         self.ledger.accounts = loaded.accounts
         self.ledger.settings = {**self.ledger.settings, **loaded.settings}
+
+
+def cohort_sampling(config: Config, num_clients: int) -> tuple[float, float]:
+    """The expected contributors per aggregate and the sampling rate the accountant may use.
+
+    Synchronous rounds sample a Poisson cohort (rate q = size / N; McMahan et al. 2018,
+    Alg. 1). An asynchronous strategy's aggregate holds whoever finished first, not a random
+    sample: no amplification by sampling is claimed (q = 1), and the denominator is the
+    fixed buffer size (Nguyen et al. 2022, Alg. 1).
+    """
+    from confide.strategies.registry import get_strategy
+
+    strategy = get_strategy(config.strategy.name)
+    if getattr(strategy, "asynchronous", False):
+        k = config.strategy.options.get("buffer_size",
+                                        strategy.Params().buffer_size)  # type: ignore[attr-defined]
+        return float(k), 1.0
+    expected = config.cohort_size()
+    return float(expected), expected / num_clients

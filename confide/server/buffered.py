@@ -9,7 +9,8 @@ Alg. 1, on a virtual clock:
 2. Arrivals are taken in finishing order. An update's staleness ``τ`` is the number of server
    updates since its client started; it joins the buffer weighted by ``s(τ)`` (the
    strategy's rule; staler than ``max_staleness``: dropped). A finished client is replaced at
-   once by a new one, drawn uniformly from the idle clients.
+   once by a new one, drawn uniformly from the idle clients (a client whose result waits in
+   the buffer is not idle: it contributes at most once to each buffer).
 3. Every ``buffer_size`` arrivals the buffer is one round of the ordinary round contracts:
    :meth:`Coordinator.complete_round` aggregates it (under secure aggregation the buffer is
    one SecAgg instance over the clients that fill it, as in Huba et al., "Papaya", MLSys 2022,
@@ -31,19 +32,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from confide.clock import VirtualClock
-from confide.exceptions import ConfigError
+from confide.exceptions import ConfigError, RoundFailedError
 from confide.round import ClientResult, ClientTask, ResultBatch
 from confide.seeding import derive_rng, derive_seed
 from confide.server.coordinator import Coordinator, RoundRecord
 
-__all__ = ["BufferedCoordinator"]
+__all__ = ["BufferedCoordinator", "ArrivalCoordinator"]
 
 log = logging.getLogger("confide")
 
@@ -69,10 +71,15 @@ class BufferedCoordinator(Coordinator):
     _version: int = 0
     _dispatched: int = 0
     _clock: Any = None
+    #: clients whose result waits in the buffer being filled: not idle until it is aggregated
+    _buffered: set[int] = field(default_factory=set)
+
+    #: durations come from the latency model (the virtual clock); False: real arrivals
+    needs_latency: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.latency is None:
+        if self.latency is None and self.needs_latency:
             raise ConfigError("asynchronous rounds need the virtual clock's latency model "
                               "([simulation] latency)")
         if not getattr(self.strategy, "asynchronous", False):
@@ -99,9 +106,12 @@ class BufferedCoordinator(Coordinator):
         k = int(self.strategy.params.buffer_size)
         self.privacy.check_budget(rnd, k)
         if self._clock is None:
+            # after a resume the model is the one of `completed_rounds` server updates
+            self._version = self.completed_rounds
             self._clock = VirtualClock(start=self.virtual_time)
             self._start(self.concurrency, at=self.virtual_time)
         buffer: list[tuple[_Flight, float]] = []
+        self._buffered = set()
         t_train = 0.0
         while len(buffer) < k:
             t_train += self._train_pending()
@@ -109,6 +119,7 @@ class BufferedCoordinator(Coordinator):
                 raise ConfigError("no client is in flight: every client dropped out")
             when, cid = self._clock.pop_finished()
             flight = self._flights.pop(cid)
+            self._buffered.add(cid)
             self._start(1, at=when)  # a finished client is replaced at once
             weight = self.strategy.staleness_weight(  # type: ignore[attr-defined]
                 self._version - flight.version)
@@ -122,8 +133,11 @@ class BufferedCoordinator(Coordinator):
                          cid)
             else:
                 buffer.append((flight, weight))
+                continue
+            self._buffered.discard(cid)  # it left nothing in the buffer
         self.virtual_time = float(self._clock.now)
         t_train += self._train_pending()  # clients started from this model train on it
+        self._buffered = set()
         batch = self._buffer_batch(buffer)
         self._row_extras = {"mean_staleness": float(np.mean([self._version - f.version
                                                               for f, _ in buffer]))}
@@ -133,7 +147,9 @@ class BufferedCoordinator(Coordinator):
 
     def _start(self, n: int, *, at: float) -> None:
         """Start ``n`` idle clients at virtual time ``at`` from the current model."""
-        busy = set(self._flights)
+        # A client contributes at most once to a buffer: one SecAgg instance has one input per
+        # client, and client-level DP's sensitivity (one clipped update) assumes it.
+        busy = set(self._flights) | self._buffered
         idle = np.array([c for c in range(self.num_clients) if c not in busy])
         if not len(idle):
             return
@@ -183,3 +199,125 @@ class BufferedCoordinator(Coordinator):
                 info=r.info))
         device = getattr(self.executor, "device", None) or torch.device("cpu")
         return ResultBatch.from_results(results, dim=int(self.params.numel()), device=device)
+
+
+@runtime_checkable
+class ArrivalExecutor(Protocol):
+    """An executor that sends tasks without waiting and reports outcomes as they arrive
+    (:class:`confide.server.flower_app.GridExecutor`).
+    """
+
+    def submit(self, tasks: Sequence[ClientTask]) -> None:
+        """Send ``tasks``; do not wait for them."""
+
+    def arrivals(self, timeout: float) -> list[tuple[int, ClientResult | None, str]]:
+        """``(client id, result or None, why not)`` in arrival order; waits up to
+        ``timeout`` for the first.
+        """
+
+
+@dataclass
+class ArrivalCoordinator(BufferedCoordinator):
+    """FedBuff on real arrivals (deployment): clients receive work as they become free.
+
+    The executor sends tasks without waiting (``submit``) and hands back outcomes in the
+    order they arrive (``arrivals``; :class:`confide.server.flower_app.GridExecutor`). The
+    schedule is Alg. 1 of Nguyen et al. 2022 in wall-clock time: ``concurrency`` clients
+    train at once, each from the model current when its task was sent; every arrival is
+    weighted by its staleness and buffered; after ``buffer_size`` of them the buffer is one
+    round of :meth:`Coordinator.complete_round`. A client is sent a new task as soon as it is
+    free: it has answered and its result is not waiting in the buffer being filled (it
+    contributes at most once to a buffer). A client whose task failed rests until the next
+    server update, so an unreachable node is not asked again and again. No task is sent
+    that the buffers still to fill cannot use (the run's last clients are not left training
+    for nothing).
+    """
+
+    needs_latency: ClassVar[bool] = False
+    #: seconds to wait for the next arrival before the buffer counts as lost
+    arrival_timeout_s: float = 600.0
+    _resting: set[int] = field(default_factory=set)
+    _leftover: list[tuple[int, Any, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.executor, ArrivalExecutor):
+            raise ConfigError(f"executor {self.executor.name!r} cannot send tasks without "
+                              "waiting; asynchronous rounds on real arrivals need one that can")
+        self._arrivals: ArrivalExecutor = self.executor
+
+    def run_round(self, rnd: int, *, attempt: int = 0) -> RoundRecord:
+        """Fill the next buffer from real arrivals, then run steps 5-9 on it."""
+        t0 = time.perf_counter()
+        k = int(self.strategy.params.buffer_size)
+        self.privacy.check_budget(rnd, k)
+        self._resting = set()
+        self._buffered = set()
+        if not self._flights and not self._leftover:  # the start, or a resume
+            self._version = self.completed_rounds
+        buffer: list[tuple[_Flight, float]] = []
+        self._top_up(rnd, 0)
+        while len(buffer) < k:
+            if not self._flights and not self._leftover:
+                raise RoundFailedError(f"buffer {rnd}: no client is in flight ({len(buffer)} "
+                                       f"of {k} results buffered); every client is gone")
+            outcomes = self._leftover or self._arrivals.arrivals(
+                timeout=self.arrival_timeout_s)
+            if not outcomes:
+                raise RoundFailedError(f"buffer {rnd}: no client answered within "
+                                       f"{self.arrival_timeout_s:g} s")
+            # arrivals past a full buffer wait for the next one, in their order
+            self._leftover = []
+            for i, (cid, result, why) in enumerate(outcomes):
+                if len(buffer) >= k:
+                    self._leftover = outcomes[i:]
+                    break
+                flight = self._flights.pop(cid, None)
+                if flight is None:  # pragma: no cover - an answer to no task of ours
+                    continue
+                weight = self.strategy.staleness_weight(  # type: ignore[attr-defined]
+                    self._version - flight.version)
+                if result is None:
+                    log.info("buffer %d: client %d dropped (%s)", rnd, cid, why)
+                    self._resting.add(cid)
+                elif weight > 0 and bool(torch.isfinite(result.update).all()):
+                    flight.result = result
+                    buffer.append((flight, weight))
+                    self._buffered.add(cid)
+                else:
+                    log.info("buffer %d: client %d's update is excluded (stale or non-finite)",
+                             rnd, cid)
+            self._top_up(rnd, len(buffer))
+        self._buffered = set()
+        batch = self._buffer_batch(buffer)
+        self._row_extras = {"mean_staleness": float(np.mean([self._version - f.version
+                                                              for f, _ in buffer]))}
+        record = self.complete_round(rnd, k, batch, t0=t0, train_s=time.perf_counter() - t0)
+        self._version += 1
+        self._resting = set()
+        self._top_up(rnd + 1, 0)  # the buffered clients are free again: they get the new model
+        return record
+
+    def _top_up(self, rnd: int, filled: int) -> None:
+        """Send tasks to idle clients until ``concurrency`` are in flight, but never more
+        than the buffers still to fill need (``filled`` results wait in buffer ``rnd``): a
+        task no buffer uses would cost a client its work and the network its bytes.
+        """
+        k = int(self.strategy.params.buffer_size)
+        needed = (self.config.run.rounds - rnd + 1) * k - filled
+        busy = set(self._flights) | self._buffered | self._resting
+        idle = np.array([c for c in range(self.num_clients) if c not in busy])
+        n = min(self.concurrency - len(self._flights), len(idle), needed - len(self._flights))
+        if n <= 0:
+            return
+        rng = derive_rng(self.config.run.seed, "fedbuff-dispatch", self._dispatched)
+        instructions = self.strategy.configure_round(self._version + 1)
+        tasks = []
+        for cid in (int(c) for c in rng.choice(idle, size=n, replace=False)):
+            task = self._task(cid, self._version + 1, instructions)
+            task.seed = derive_seed(self.config.run.seed, "fedbuff-client", self._dispatched,
+                                    cid)
+            self._flights[cid] = _Flight(task=task, version=self._version, trained=True)
+            self._dispatched += 1
+            tasks.append(task)
+        self._arrivals.submit(tasks)

@@ -330,7 +330,14 @@ class Coordinator:
         payload (``info["bytes_up"]``, set by the compression stage; else its float32 update
         and aux vectors); under secure aggregation the protocol's own messages both ways
         (``RoundReport.bytes_sent`` / ``bytes_received``), which carry the masked words.
+        An executor that sends real messages (the deployment's Grid) counts them itself
+        (``take_wire_bytes``: every message's records since the last record, so under
+        FedBuff the tasks sent since the previous buffer).
         """
+        take = getattr(self.executor, "take_wire_bytes", None)
+        if callable(take):
+            up_bytes, down_bytes = take()
+            return {"bytes_up": int(up_bytes), "bytes_down": int(down_bytes)}
         down = 4 * int(self.params.numel()) * num_sampled
         report = getattr(self.aggregator, "last_report", None)
         if report is not None and getattr(report, "server_round", None) == rnd and \

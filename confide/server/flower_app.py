@@ -26,12 +26,27 @@ from flwr.serverapp import Grid, ServerApp
 
 from confide.client.messages import FINISH, HELLO, TRAIN, JobSpec, decode_result, encode_task
 from confide.client.session import ERROR_DROPPED
+from confide.compression import UpdateCodec, count_bytes
 from confide.exceptions import ProtocolError
 from confide.round import ClientResult, ClientTask, CohortOutcome, Executor, ResultBatch
 
-__all__ = ["NodeDirectory", "GridExecutor", "build_server_app", "discover_nodes"]
+__all__ = ["NodeDirectory", "GridExecutor", "build_server_app", "discover_nodes",
+           "message_bytes"]
 
 log = logging.getLogger("confide")
+
+
+def message_bytes(message: Message) -> int:
+    """The bytes a message's records carry: each array's serialised data, and each config
+    entry's key and value (:func:`confide.compression.count_bytes`). Not the transport's
+    framing (HTTP, protobuf, TLS), which a socket-level count adds.
+    """
+    if message.has_error():
+        return len((message.error.reason or "").encode())
+    content = message.content
+    n = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    n += sum(count_bytes(dict(rec)) for rec in content.config_records.values())
+    return n
 
 
 class NodeDirectory(ABC):
@@ -57,7 +72,7 @@ class GridExecutor(Executor):
     def __init__(self, *, grid: Grid, nodes: NodeDirectory, job: JobSpec,
                  aux_names: tuple[str, ...] = (), round_timeout: float = 600.0,
                  poll_interval: float = 0.01, max_poll_interval: float = 0.1,
-                 vectors_in_replies: bool = True) -> None:
+                 vectors_in_replies: bool = True, codec: UpdateCodec | None = None) -> None:
         # No SimulationContext: a deployed coordinator holds no client data.
         self.grid = grid
         self.nodes = nodes
@@ -68,6 +83,15 @@ class GridExecutor(Executor):
         self.max_poll_interval = max(poll_interval, max_poll_interval)
         #: False under secure aggregation: replies carry no vectors, they come masked later
         self.vectors_in_replies = vectors_in_replies
+        #: the job's update codec: replies carry compressed arrays, decoded here
+        self.codec = codec if codec is not None and codec.method != "none" else None
+        #: message bytes pushed to / pulled from the clients since :meth:`take_wire_bytes`
+        self._bytes_down = 0
+        self._bytes_up = 0
+        #: train tasks submitted without waiting (:meth:`submit`): message id -> (task,
+        #: deadline)
+        self._inflight: dict[str, tuple[ClientTask, float]] = {}
+        self._early: list[tuple[int, ClientResult | None, str]] = []
 
     # ------------------------------------------------------------------ messaging
     def _collect(self, sent: Mapping[str, int], timeout: float) -> dict[int, Message]:
@@ -88,6 +112,7 @@ class GridExecutor(Executor):
                 if mid in pending:
                     pending.discard(mid)
                     replies[sent[mid]] = reply
+                    self._bytes_up += message_bytes(reply)
                     got = True
             if not pending or time.monotonic() >= deadline:
                 break
@@ -102,19 +127,21 @@ class GridExecutor(Executor):
             return {}, {}
         ids = list(self.grid.push_messages([m for _, m in messages]))
         sent, failed = {}, {}
-        for (cid, _), mid in zip(messages, ids, strict=False):
+        for (cid, message), mid in zip(messages, ids, strict=False):
             if mid:
                 sent[mid] = cid
+                self._bytes_down += message_bytes(message)
             else:
                 failed[cid] = "the runtime refused the message"
         for cid, _ in messages[len(ids):]:
             failed[cid] = "the runtime refused the message"
         return sent, failed
 
-    def run_cohort(self, tasks: Sequence[ClientTask]) -> CohortOutcome:  # noqa: D102
+    def _train_messages(self, tasks: Sequence[ClientTask]
+                        ) -> tuple[list[tuple[int, Message]], dict[int, str]]:
+        """Each task as a ``train`` Message to its client's node; or why it cannot go."""
         self.nodes.refresh()
         failures: dict[int, str] = {}
-        results: dict[int, ClientResult] = {}
         messages: list[tuple[int, Message]] = []
         for task in tasks:
             node = self.nodes.node_of(task.client_id)
@@ -125,32 +152,96 @@ class GridExecutor(Executor):
             messages.append((task.client_id, Message(
                 content, dst_node_id=node, message_type=TRAIN, ttl=self.round_timeout,
                 group_id=str(task.server_round))))
+        return messages, failures
+
+    def _read_reply(self, task: ClientTask, reply: Message | None
+                    ) -> tuple[ClientResult | None, str]:
+        """A train reply decoded, or ``(None, why not)``."""
+        cid = task.client_id
+        if reply is None:
+            return None, f"no reply within {self.round_timeout:g} s"
+        if reply.has_error():
+            err = reply.error
+            kind = "left the round" if err.code == ERROR_DROPPED else "failed"
+            return None, f"{kind}: {err.reason}"
+        try:
+            return decode_result(reply.content, client_id=cid, num_params=self.job.num_params,
+                                 aux_names=self.aux_names,
+                                 with_vectors=self.vectors_in_replies, codec=self.codec,
+                                 server_round=task.server_round), ""
+        except ProtocolError as exc:
+            log.warning("client %d sent a malformed reply: %s", cid, exc)
+            return None, f"malformed reply ({exc})"
+
+    def run_cohort(self, tasks: Sequence[ClientTask]) -> CohortOutcome:  # noqa: D102
+        messages, failures = self._train_messages(tasks)
+        results: dict[int, ClientResult] = {}
         sent, failed = self._push(messages)
         failures.update(failed)
         replies = self._collect(sent, self.round_timeout)
+        by_id = {t.client_id: t for t in tasks}
         for cid in sent.values():
-            reply = replies.get(cid)
-            if reply is None:
-                failures[cid] = f"no reply within {self.round_timeout:g} s"
-            elif reply.has_error():
-                err = reply.error
-                kind = "left the round" if err.code == ERROR_DROPPED else "failed"
-                failures[cid] = f"{kind}: {err.reason}"
+            result, why = self._read_reply(by_id[cid], replies.get(cid))
+            if result is None:
+                failures[cid] = why
             else:
-                try:
-                    result = decode_result(reply.content, client_id=cid,
-                                           num_params=self.job.num_params,
-                                           aux_names=self.aux_names,
-                                           with_vectors=self.vectors_in_replies)
-                except ProtocolError as exc:
-                    log.warning("client %d sent a malformed reply: %s", cid, exc)
-                    failures[cid] = f"malformed reply ({exc})"
-                    continue
                 results[cid] = result
         # One message per client (a batch of one each), stacked in task order.
         ordered = [results[t.client_id] for t in tasks if t.client_id in results]
         dim = self.job.num_params if self.vectors_in_replies else 0
         return CohortOutcome(ResultBatch.from_results(ordered, dim=dim, device="cpu"), failures)
+
+    # ------------------------------------------------------------------ asynchronous rounds
+    def submit(self, tasks: Sequence[ClientTask]) -> None:
+        """Send train tasks without waiting (FedBuff in deployment): their outcomes come
+        back from :meth:`arrivals` as the replies arrive. A task that cannot be sent comes
+        back at once as a failure.
+        """
+        messages, failures = self._train_messages(tasks)
+        by_id = {t.client_id: t for t in tasks}
+        sent, failed = self._push(messages)
+        failures.update(failed)
+        deadline = time.monotonic() + self.round_timeout
+        for mid, cid in sent.items():
+            self._inflight[mid] = (by_id[cid], deadline)
+        self._early.extend((cid, None, why) for cid, why in failures.items())
+
+    def arrivals(self, timeout: float) -> list[tuple[int, ClientResult | None, str]]:
+        """Outcomes of submitted tasks in arrival order, ``(client id, result or None,
+        why not)``; waits up to ``timeout`` for the first. A task past its deadline
+        (``round_timeout`` after it was sent) is a failure.
+        """
+        out, self._early = self._early, []
+        deadline = time.monotonic() + timeout
+        interval = self.poll_interval
+        while not out and self._inflight:
+            for reply in self.grid.pull_messages(list(self._inflight)):
+                entry = self._inflight.pop(reply.metadata.reply_to_message_id, None)
+                if entry is None:
+                    continue
+                self._bytes_up += message_bytes(reply)
+                result, why = self._read_reply(entry[0], reply)
+                out.append((entry[0].client_id, result, why))
+            now = time.monotonic()
+            for mid, (task, task_deadline) in list(self._inflight.items()):
+                if now >= task_deadline:
+                    del self._inflight[mid]
+                    out.append((task.client_id, None, f"no reply within "
+                                                      f"{self.round_timeout:g} s"))
+            if out or now >= deadline:
+                break
+            interval = min(interval * 1.5, self.max_poll_interval)
+            time.sleep(interval)
+        return out
+
+    def take_wire_bytes(self) -> tuple[int, int]:
+        """``(up, down)`` message bytes since the last call (the history's ``bytes_up`` /
+        ``bytes_down`` in deployment): every record of every message this executor
+        pushed or pulled (:func:`message_bytes`), training and protocol stages alike.
+        """
+        up, down = self._bytes_up, self._bytes_down
+        self._bytes_up = self._bytes_down = 0
+        return up, down
 
     def exchange(self, stage: str, requests: Mapping[int, RecordDict], *, server_round: int,
                  timeout: float | None = None) -> dict[int, RecordDict | str]:

@@ -99,6 +99,10 @@ def test_operator_mistakes(fed, tmp_path, capsys, args, match):
     ("[data]\nnum_clients = 3\npath = 'pooled.csv'\n", "--test-data"),
     ("[data]\nnum_clients = 3\n[privacy]\nmode = 'central'\nnoise_multiplier = 1.0\n"
      "adaptive_clipping = true\n", "adaptive_clipping"),
+    ("[data]\nnum_clients = 3\n[strategy]\nname = 'fedbuff'\nbuffer_size = 2\n"
+     "[secure_aggregation]\nenabled = true\n", "FedBuff with secure aggregation"),
+    ("[data]\nnum_clients = 3\n[strategy]\nname = 'fedbuff'\nbuffer_size = 3\n"
+     "[simulation]\nconcurrency = 2\n", "larger than the concurrency"),
 ])
 def test_job_file_with_errors(fed, tmp_path, capsys, job, match):
     (tmp_path / "job.toml").write_text(job)

@@ -9,14 +9,11 @@ history's loss is the example-weighted mean that only the secure sum revealed.
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 import pytest
 import torch
-from deploy_testing import write_partitions
-from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
+from deploy_testing import LoopbackGrid, write_partitions
+from flwr.app import RecordDict
 
 from confide.app.client_app import TaskRunner, build_client_app
 from confide.app.job import build_job
@@ -44,48 +41,6 @@ device = "cpu"
 enabled = true
 threshold = 2
 """
-
-
-class LoopbackGrid(Grid):
-    """Each pushed message goes to its node's ClientApp at once; replies wait to be pulled."""
-
-    def __init__(self, apps: dict[int, object]) -> None:
-        self.apps = apps
-        self.replies: dict[str, Message] = {}
-        self.pulled: list[Message] = []
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
-                                    run_config={}) for n in apps}
-
-    def push_messages(self, messages):  # noqa: D102
-        ids = []
-        for m in messages:
-            mid = uuid.uuid4().hex
-            m.metadata.__dict__["_message_id"] = mid
-            node = m.metadata.dst_node_id
-            self.replies[mid] = self.apps[node](m, self.contexts[node])
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids):  # noqa: D102
-        out = [self.replies.pop(mid) for mid in list(message_ids) if mid in self.replies]
-        self.pulled.extend(out)  # every message the coordinator receives
-        return out
-
-    def get_node_ids(self):  # noqa: D102
-        return list(self.apps)
-
-    def create_message(self, *args, **kwargs):  # noqa: D102
-        raise NotImplementedError
-
-    def send_and_receive(self, *args, **kwargs):  # noqa: D102
-        raise NotImplementedError
-
-    def set_run(self, run_id):  # noqa: D102
-        pass
-
-    @property
-    def run(self):  # noqa: D102
-        return None
 
 
 class Nodes(NodeDirectory):

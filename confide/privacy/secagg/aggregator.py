@@ -111,6 +111,9 @@ class RoundReport:
     #: the cohort's metadata, known only as sums: num_examples, num_steps, train_loss (the
     #: example-weighted mean over the summed clients)
     metadata: dict[str, float] = field(default_factory=dict)
+    #: the unmasked modular sum in Z_{2^b}, exactly what the coordinator learns (the
+    #: quantised contributions and metadata of ``included``, summed)
+    sum_words: np.ndarray | None = None
 
 
 class _TimedPath(InProcessMessagePath):
@@ -266,6 +269,7 @@ class SecureAggregator(Aggregator):
         t0 = time.perf_counter()
         if self.settings.skip_pairwise_masks:
             words = self._insecure_sum(contributions, drop_after, quantiser, rngs, report)
+            report.sum_words = words
             report.coordinator_seconds = time.perf_counter() - t0
         else:
             server = SecAggServer(
@@ -286,6 +290,7 @@ class SecureAggregator(Aggregator):
                 report.rejected = dict(server.result.rejected)
                 self.last_report = report
             words = result.words
+            report.sum_words = words
             report.included = result.included
             report.bytes_sent = result.bytes_sent
             report.bytes_received = result.bytes_received
