@@ -55,6 +55,10 @@ class NodeOptions:
     reconnect_backoff: tuple[float, float] = (0.5, 5.0)
 
 
+#: longer than any coordinator keeps an idle connection (its gateway: 30 s)
+_KEEPALIVE_S = 3600.0
+
+
 class _Refused(ConfideError):
     exit_code = SecurityError.exit_code
 
@@ -106,6 +110,15 @@ class _Fleet:
             f"{scheme}://{netloc}", verify=verify, timeout=options.request_timeout,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
                           NodeAuthHttpInterceptor(identity.key, identity.key.public_key())])
+        # Connections are kept until the coordinator closes them (idle) or this process
+        # ends: the coordinator takes a client whose connections all closed from its side
+        # for gone (confide.server.delivery), so the node never expires one itself
+        # (httpx's default closes those idle for 5 s, about a heartbeat's interval).
+        old = self.client._client  # noqa: SLF001 - Flower builds it and takes no limits
+        self.client._client = httpx.Client(  # noqa: SLF001
+            verify=verify, timeout=old.timeout, follow_redirects=True,
+            limits=httpx.Limits(keepalive_expiry=_KEEPALIVE_S))
+        old.close()
         self.identity = identity
         self.node: Any = None
         self.heartbeat_interval = options.heartbeat_interval
@@ -317,6 +330,7 @@ def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions 
                     backoff = options.reconnect_backoff[0]
                     log.info("client %r reconnected to %s as node %d", identity.name,
                              identity.coordinator, node_id)
+                pulled_at = time.monotonic()
                 message = fleet.pull()
                 lost_since = None
             except _Refused as exc:
@@ -346,6 +360,11 @@ def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions 
                 continue
             rejoined_after_refusal = False
             if message is None:
+                if time.monotonic() - pulled_at >= options.max_poll_interval:
+                    # The coordinator held the pull until it had news (a long poll,
+                    # confide.server.delivery): ask again at once, no back-off.
+                    interval = options.poll_interval
+                    continue
                 time.sleep(interval)
                 interval = min(interval * 1.5, max(options.poll_interval,
                                                    options.max_poll_interval))

@@ -20,6 +20,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -28,10 +29,15 @@ from confide.client.messages import FINISH, HELLO, TRAIN, JobSpec, decode_result
 from confide.client.session import ERROR_DROPPED
 from confide.exceptions import ProtocolError
 from confide.round import ClientResult, ClientTask, CohortOutcome, Executor, ResultBatch
+from confide.server.delivery import Delivery
 
-__all__ = ["NodeDirectory", "GridExecutor", "build_server_app", "discover_nodes"]
+__all__ = ["NodeDirectory", "GridExecutor", "build_server_app", "discover_nodes", "stage_request"]
 
 log = logging.getLogger("confide")
+
+
+#: with a Delivery, fallback polls back off this much further (the gateway tells of replies)
+_TOLD_SLOWER = 4.0
 
 
 class NodeDirectory(ABC):
@@ -48,6 +54,10 @@ class NodeDirectory(ABC):
     def all_nodes(self) -> list[int]:
         """Node ids of every client that may take part."""
 
+    def gone(self, client_id: int) -> str | None:
+        """Why ``client_id`` is known to be gone (its process ended), or None."""
+        return None
+
 
 class GridExecutor(Executor):
     """Runs client tasks as Flower Messages through a Grid."""
@@ -57,7 +67,7 @@ class GridExecutor(Executor):
     def __init__(self, *, grid: Grid, nodes: NodeDirectory, job: JobSpec,
                  aux_names: tuple[str, ...] = (), round_timeout: float = 600.0,
                  poll_interval: float = 0.01, max_poll_interval: float = 0.1,
-                 vectors_in_replies: bool = True) -> None:
+                 vectors_in_replies: bool = True, delivery: Delivery | None = None) -> None:
         # No SimulationContext: a deployed coordinator holds no client data.
         self.grid = grid
         self.nodes = nodes
@@ -68,20 +78,27 @@ class GridExecutor(Executor):
         self.max_poll_interval = max(poll_interval, max_poll_interval)
         #: False under secure aggregation: replies carry no vectors, they come masked later
         self.vectors_in_replies = vectors_in_replies
+        #: told by the gateway when replies arrive (None: poll only, e.g. in simulation)
+        self.delivery = delivery
 
     # ------------------------------------------------------------------ messaging
-    def _collect(self, sent: Mapping[str, int], timeout: float) -> dict[int, Message]:
-        """Replies to the messages ``sent`` (message id -> client id) until ``timeout``.
+    def _collect(self, sent: Mapping[str, int], timeout: float
+                 ) -> tuple[dict[int, Message], dict[int, str]]:
+        """Replies to the messages ``sent`` (message id -> client id) until ``timeout``,
+        and the clients known to be gone meanwhile (``NodeDirectory.gone``).
 
-        Polls every ``poll_interval`` at first and backs off by 1.5x per empty poll up to
-        ``max_poll_interval``: each poll costs the SuperLink a few milliseconds of CPU, which
-        on a small machine competes with training.
+        Between pulls it waits for the gateway's word that a reply arrived (``delivery``),
+        else polls every ``poll_interval`` at first and backs off by 1.5x per empty poll up
+        to ``max_poll_interval``: each poll costs the SuperLink a few milliseconds of CPU,
+        which on a small machine competes with training.
         """
         pending = set(sent)
         replies: dict[int, Message] = {}
+        gone: dict[int, str] = {}
         deadline = time.monotonic() + timeout
         interval = self.poll_interval
         while pending:
+            generation = self.delivery.generation if self.delivery is not None else 0
             got = False
             for reply in self.grid.pull_messages(list(pending)):
                 mid = reply.metadata.reply_to_message_id
@@ -89,18 +106,29 @@ class GridExecutor(Executor):
                     pending.discard(mid)
                     replies[sent[mid]] = reply
                     got = True
+            for mid in list(pending):  # a client whose process ended will not answer
+                why = self.nodes.gone(sent[mid])
+                if why is not None:
+                    pending.discard(mid)
+                    gone[sent[mid]] = why
             if not pending or time.monotonic() >= deadline:
                 break
             interval = self.poll_interval if got else min(interval * 1.5,
                                                           self.max_poll_interval)
-            time.sleep(interval)
-        return replies
+            if self.delivery is not None:
+                # Told when a reply is whole; the polls that remain catch what the gateway
+                # does not see (the SuperLink's own error replies), so they can be rarer.
+                self.delivery.wait(generation, interval * _TOLD_SLOWER)
+            else:
+                time.sleep(interval)
+        return replies, gone
 
     def _push(self, messages: list[tuple[int, Message]]) -> tuple[dict[str, int], dict[int, str]]:
         """Push ``(client_id, message)`` pairs; returns sent ids and push failures."""
         if not messages:
             return {}, {}
-        ids = list(self.grid.push_messages([m for _, m in messages]))
+        with self.delivery.pushing() if self.delivery is not None else nullcontext():
+            ids = list(self.grid.push_messages([m for _, m in messages]))
         sent, failed = {}, {}
         for (cid, _), mid in zip(messages, ids, strict=False):
             if mid:
@@ -127,11 +155,11 @@ class GridExecutor(Executor):
                 group_id=str(task.server_round))))
         sent, failed = self._push(messages)
         failures.update(failed)
-        replies = self._collect(sent, self.round_timeout)
+        replies, gone = self._collect(sent, self.round_timeout)
         for cid in sent.values():
             reply = replies.get(cid)
             if reply is None:
-                failures[cid] = f"no reply within {self.round_timeout:g} s"
+                failures[cid] = gone.get(cid, f"no reply within {self.round_timeout:g} s")
             elif reply.has_error():
                 err = reply.error
                 kind = "left the round" if err.code == ERROR_DROPPED else "failed"
@@ -166,9 +194,8 @@ class GridExecutor(Executor):
             if isinstance(node, str):
                 out[cid] = node
                 continue
-            records = RecordDict(dict(content.items()))
-            records["confide.stage"] = ConfigRecord({"client_id": cid, "stage": stage,
-                                                     "server_round": server_round})
+            records = stage_request(content, client_id=cid, stage=stage,
+                                    server_round=server_round)
             messages.append((cid, Message(records, dst_node_id=node,
                                           message_type=f"query.{stage}",
                                           ttl=timeout or self.round_timeout,
@@ -176,11 +203,12 @@ class GridExecutor(Executor):
         sent, failed = self._push(messages)
         out.update(failed)
         deadline = timeout or self.round_timeout
-        replies = self._collect(sent, deadline)
+        replies, gone = self._collect(sent, deadline)
         for cid in sent.values():
             reply = replies.get(cid)
-            if reply is None:  # the stage's deadline passed: dropped at this stage
-                out[cid] = f"no reply within the {deadline:g} s deadline of {stage}"
+            if reply is None:  # gone, or the stage's deadline passed: dropped at this stage
+                out[cid] = gone.get(cid, f"no reply within the {deadline:g} s deadline of "
+                                         f"{stage}")
             elif reply.has_error():
                 out[cid] = reply.error.reason or "error"
             else:
@@ -197,6 +225,22 @@ class GridExecutor(Executor):
             self._collect(sent, timeout)
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.info("could not tell every client the job is over: %s", exc)
+
+
+def stage_request(content: RecordDict, *, client_id: int, stage: str,
+                  server_round: int) -> RecordDict:
+    """``content`` with the stage header (``confide.stage``: client id, stage, round).
+
+    The header joins the stage's own ``confide.stage`` record if it has one: one record
+    where there would be two, so one Flower object less to push and to pull per message
+    (each is an HTTP request through the gateway and the SuperLink).
+    """
+    records = RecordDict(dict(content.items()))
+    own = content.config_records.get("confide.stage")
+    records["confide.stage"] = ConfigRecord({
+        **(dict(own.items()) if own is not None else {}),
+        "client_id": client_id, "stage": stage, "server_round": server_round})
+    return records
 
 
 def discover_nodes(grid: Grid, *, expected: int, timeout: float,

@@ -15,6 +15,7 @@ from confide.config import load_config
 from confide.exceptions import ProtocolError
 from confide.privacy.secagg.aggregator import SecureAggregator
 from confide.privacy.secagg.flower_stage import handle_secagg_stage, pack, unpack
+from confide.server.flower_app import stage_request
 from confide.server.secagg_transport import DeployedSecureAggregator
 
 N = 50
@@ -33,8 +34,8 @@ class _LoopbackExecutor:
             if cid in self.silent:
                 out[cid] = "no reply"
                 continue
-            content["confide.stage"] = ConfigRecord({"client_id": cid, "stage": stage,
-                                                     "server_round": server_round})
+            content = stage_request(content, client_id=cid, stage=stage,
+                                    server_round=server_round)
             self.seen.append(content)
             try:
                 out[cid] = handle_secagg_stage(content, self.sessions[cid])
@@ -109,17 +110,19 @@ def test_a_reply_with_vectors_under_secure_aggregation_is_refused():
 
 def test_stage_for_another_round_is_refused():
     config, results, sessions = _setup()
-    content = pack(b"\x00" * 16)
-    content["confide.stage"] = ConfigRecord({"client_id": 0, "stage": "secagg",
-                                             "server_round": 2})
+    content = RecordDict({"confide.stage": ConfigRecord({
+        "secagg": bytes(16), "client_id": 0, "stage": "secagg", "server_round": 2})})
     with pytest.raises(ProtocolError, match="round 2"):
         handle_secagg_stage(content, sessions[0])
 
 
 def test_payload_must_be_bytes():
-    bad = RecordDict({"confide.secagg": ConfigRecord({"bytes": "text"})})
-    with pytest.raises(ProtocolError):
-        unpack(bad, "reply")
+    for bad in (RecordDict({"confide.stage": ConfigRecord({"secagg": "text"})}),
+                RecordDict({"confide.stage": ConfigRecord({"secagg": [b"a"]})}),
+                RecordDict({"confide.stage": ConfigRecord({"client_id": 0})}),
+                RecordDict({"confide.secagg": ConfigRecord({"secagg": b"abc"})})):
+        with pytest.raises(ProtocolError):
+            unpack(bad, "reply")
     assert unpack(pack(b"abc"), "reply") == b"abc"
     assert np.frombuffer(unpack(pack(bytes(range(256))), "x"), np.uint8).tolist() == list(
         range(256))
