@@ -350,6 +350,7 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path | None,
                                     delivery=delivery)
             if config.secure_aggregation.enabled:
                 aggregator.executor = executor
+                executor.task_setup = aggregator.setup_requests  # Round 0 with the tasks
 
             def main(grid_: Any, _context: Any) -> None:
                 coordinator = Coordinator(

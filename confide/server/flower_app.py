@@ -20,7 +20,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from confide.client.messages import FINISH, HELLO, TRAIN, JobSpec, decode_result, encode_task
 from confide.client.session import ERROR_DROPPED
 from confide.exceptions import ProtocolError
+from confide.privacy.secagg.flower_stage import STAGE, pack, unpack
 from confide.round import ClientResult, ClientTask, CohortOutcome, Executor, ResultBatch
 from confide.server.delivery import Delivery
 
@@ -80,6 +81,11 @@ class GridExecutor(Executor):
         self.vectors_in_replies = vectors_in_replies
         #: told by the gateway when replies arrive (None: poll only, e.g. in simulation)
         self.delivery = delivery
+        #: ``(client ids, round) -> SecAgg SETUP per client`` sent with the training tasks
+        #: (:meth:`DeployedSecureAggregator.setup_requests`); None: tasks carry none
+        self.task_setup: Callable[[list[int], int], dict[int, bytes]] | None = None
+        #: client id -> its ``advertise_keys`` reply that came with its training reply
+        self.advertised: dict[int, bytes] = {}
 
     # ------------------------------------------------------------------ messaging
     def _collect(self, sent: Mapping[str, int], timeout: float
@@ -144,14 +150,27 @@ class GridExecutor(Executor):
         failures: dict[int, str] = {}
         results: dict[int, ClientResult] = {}
         messages: list[tuple[int, Message]] = []
+        nodes: dict[int, int] = {}
         for task in tasks:
             node = self.nodes.node_of(task.client_id)
             if isinstance(node, str):
                 failures[task.client_id] = node
+            else:
+                nodes[task.client_id] = node
+        server_round = tasks[0].server_round if tasks else 0
+        setups = self.task_setup(sorted(nodes), server_round) if self.task_setup else {}
+        self.advertised = {}
+        for task in tasks:
+            if task.client_id not in nodes:
                 continue
             content = encode_task(task, self.job)
+            if task.client_id in setups:
+                content["confide.stage"] = stage_request(
+                    pack(setups[task.client_id]), client_id=task.client_id, stage=STAGE,
+                    server_round=task.server_round)["confide.stage"]
             messages.append((task.client_id, Message(
-                content, dst_node_id=node, message_type=TRAIN, ttl=self.round_timeout,
+                content, dst_node_id=nodes[task.client_id], message_type=TRAIN,
+                ttl=self.round_timeout,
                 group_id=str(task.server_round))))
         sent, failed = self._push(messages)
         failures.update(failed)
@@ -175,6 +194,9 @@ class GridExecutor(Executor):
                     failures[cid] = f"malformed reply ({exc})"
                     continue
                 results[cid] = result
+                if cid in setups:  # its advertise_keys reply, checked by the protocol later
+                    with suppress(ProtocolError):
+                        self.advertised[cid] = unpack(reply.content, f"client {cid}'s keys")
         # One message per client (a batch of one each), stacked in task order.
         ordered = [results[t.client_id] for t in tasks if t.client_id in results]
         dim = self.job.num_params if self.vectors_in_replies else 0
