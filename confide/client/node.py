@@ -9,8 +9,10 @@ mutual TLS with the certificate from enrolment. Two things differ from ``flower-
   node never installs or runs code from the run's app bundle, so the coordinator cannot make
   a client execute anything but the Confide version its operator installed;
 * it polls for messages every ``poll_interval`` seconds after activity, backing off to
-  ``max_poll_interval`` while idle (Flower's loop sleeps 3 s), and pulls message objects
-  with a short back-off.
+  ``max_poll_interval`` while idle (Flower's loop sleeps 3 s), or at once when the
+  coordinator held its last pull until it had news (a long poll), and pulls message objects
+  with a short back-off; it keeps its connections open, so the coordinator takes a client
+  whose connections all closed for gone (:mod:`confide.server.delivery`).
 
 It reads only its own data file and sends back only what the ClientApp returns.
 """

@@ -2,12 +2,13 @@
 
 :class:`GridExecutor` is an :class:`~confide.simulations.executors.Executor`: for each round
 it sends every sampled client's :class:`~confide.client.ClientTask` as a ``train`` Message to
-that client's node, polls the Grid for the replies (at ``poll_interval``, not Flower's fixed
+that client's node, pulls the replies from the Grid when the gateway says one is whole
+(:mod:`confide.server.delivery`; otherwise it polls at ``poll_interval``, not Flower's fixed
 3 s), and decodes them into :class:`~confide.client.ClientResult` objects. A client whose node is
-unknown, offline or revoked, whose reply is an error or malformed, or who does not answer
-within ``round_timeout`` becomes a dropped outcome; the coordinator's quorum rule decides
-whether the round goes on. :meth:`GridExecutor.exchange` sends any extra protocol stage
-(secure aggregation's rounds of messages) the same way.
+unknown, offline, revoked or gone (its process ended), whose reply is an error or malformed, or
+who does not answer within ``round_timeout`` becomes a dropped outcome; the coordinator's
+quorum rule decides whether the round goes on. :meth:`GridExecutor.exchange` sends any extra
+protocol stage (secure aggregation's rounds of messages) the same way.
 
 The same executor runs on Flower's deployment runtime (``HttpGrid`` to a SuperLink, see
 :mod:`confide.app.deploy`) and on its simulation engine (``InMemoryGrid`` with Ray, see
