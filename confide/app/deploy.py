@@ -99,8 +99,6 @@ class _EnrolledClients(NodeDirectory):
         self.node_ids: dict[str, int] = {}
         self.revoked: set[str] = set()
         self.online: set[int] = set()
-        #: gone clients whose node was registered afresh (until they connect again)
-        self.released: set[str] = set()
         self._lock = threading.Lock()
 
     def admit(self) -> None:
@@ -151,35 +149,11 @@ class _EnrolledClients(NodeDirectory):
     def gone(self, client_id: int) -> str | None:  # noqa: D102
         if self.delivery is None or client_id >= len(self.records):
             return None
-        record = self.records[client_id]
-        seconds = self.delivery.gone_for(record.name)
+        name = self.records[client_id].name
+        seconds = self.delivery.gone_for(name)
         if seconds is None or seconds < self.delivery.gone_grace_s:
-            self.released.discard(record.name)
             return None
-        if record.name not in self.revoked:
-            self._release(record)
-        return (f"client {record.name!r} closed its connections {seconds:.1f} s ago (its "
-                "process ended)")
-
-    def _release(self, record: ClientRecord) -> None:
-        """Register a gone client's key afresh, so a restarted process activates at once.
-
-        Flower keeps a node online until its heartbeats expire (two missed: ~20 s) and
-        refuses to activate an online node again; the new node id is the one the restarted
-        client gets. Should the client still live (connections lost, not the process), its
-        next request finds its id unknown and it activates again (confide.client.node).
-        """
-        with self._lock:
-            if record.name in self.released:
-                return
-            self.released.add(record.name)
-            old = self.node_ids.get(record.name)
-            try:
-                if old is not None:
-                    self.runtime.unregister(old)
-                self.node_ids[record.name] = self.runtime.register(record)
-            except httpx.HTTPError as exc:
-                log.info("could not register client %r afresh: %s", record.name, exc)
+        return f"client {name!r} closed its connections {seconds:.1f} s ago (its process ended)"
 
     def all_nodes(self) -> list[int]:  # noqa: D102
         return sorted(self.node_ids[r.name] for r in self.records
