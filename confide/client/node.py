@@ -19,6 +19,7 @@ It reads only its own data file and sends back only what the ClientApp returns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -31,6 +32,7 @@ import httpx
 from confide.client.enrol import ClientIdentity, parse_address
 from confide.client.messages import FINISH
 from confide.exceptions import ConfideError, SecurityError
+from confide.files import atomic_write_text
 
 __all__ = ["NodeOptions", "run_node"]
 
@@ -57,6 +59,8 @@ class NodeOptions:
     reconnect_backoff: tuple[float, float] = (0.5, 5.0)
 
 
+#: the node id of the last activation, in the client's folder (to end a stale session)
+NODE_ID_FILE = "node_id"
 #: longer than any coordinator keeps an idle connection (its gateway: 30 s)
 _KEEPALIVE_S = 3600.0
 
@@ -145,7 +149,26 @@ class _Fleet:
             public_key=public_key_to_bytes(self.identity.key.public_key()),
             heartbeat_interval=self.heartbeat_interval))
         self.node = Node(node_id=res.node_id)
+        with contextlib.suppress(OSError):  # remembered for a restart (see _connect)
+            atomic_write_text(self.identity.directory / NODE_ID_FILE, f"{res.node_id}\n")
         return int(res.node_id)
+
+    def deactivate_previous(self) -> bool:
+        """End the session of this client's previous process (killed, say) if the
+        coordinator still counts it online; True if it did.
+
+        Flower refuses to activate a node that is online (412) until its heartbeats expire
+        (two missed: ~20 s); the request is signed with this client's own key, so only
+        this client's node can be ended so.
+        """
+        from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+
+        try:
+            node_id = int((self.identity.directory / NODE_ID_FILE).read_text().strip())
+            self.call("DeactivateNode", DeactivateNodeRequest(node_id=node_id))
+        except (OSError, ValueError, httpx.HTTPError):
+            return False
+        return True
 
     def heartbeat(self) -> bool:
         from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
@@ -235,6 +258,7 @@ def _connect(fleet: _Fleet, options: NodeOptions) -> int:
     """Activate the node, retrying while the coordinator is not up (yet)."""
     deadline = time.monotonic() + options.connect_timeout
     last = "no answer"
+    ended_previous = False
     while True:
         try:
             return fleet.activate()
@@ -242,6 +266,12 @@ def _connect(fleet: _Fleet, options: NodeOptions) -> int:
             raise
         except httpx.HTTPStatusError as exc:
             last = f"{_refusal(exc)}"
+            if exc.response.status_code == 412 and not ended_previous:
+                # Still online from this client's previous process: end that session.
+                ended_previous = True
+                if fleet.deactivate_previous():
+                    log.info("ended the session of this client's previous process")
+                    continue
         except (httpx.TransportError, OSError) as exc:
             tls = _tls_failure(exc)
             if tls is not None:
