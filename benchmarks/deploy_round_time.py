@@ -217,8 +217,9 @@ def deployed(rounds: int, *, poll: float, max_poll: float, threads: int, extra: 
             seconds = [float(r["round_s"]) for r in csv.DictReader(fh)]
         history = json.loads((folder / "run" / "history.json").read_text())
         later = sorted(r for r in cpu_at_round if r >= 1)
+        # A killed client's CPU leaves the sum with it: only whole federations are counted.
         cpu = ((cpu_at_round[later[-1]] - cpu_at_round[later[0]]) / (later[-1] - later[0])
-               if len(later) >= 2 else float("nan"))
+               if len(later) >= 2 and kill_at is None else None)
         return {"round_s": seconds, "first_round_s": seconds[0],
                 "median_later_round_s": statistics.median(seconds[1:]),
                 "final_accuracy": history[-1]["test_accuracy"],
