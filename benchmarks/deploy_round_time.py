@@ -4,8 +4,12 @@ The coordinator (``confide server start``: SuperLink + mTLS gateway + ServerApp)
 ``confide client start`` processes run the default digits MLP (64-128-10) with FedAvg, over
 TLS with node authentication, exactly as a deployment does. Variants, side by side:
 
-* ``confide``: the defaults (ClientApp in the client process, polls every 10 ms right after
-  work, backing off to 100 ms when idle; objects pulled with a 10 ms back-off);
+* ``confide``: the defaults (ClientApp in the client process; the coordinator's gateway holds
+  a client's empty pull until it has pushed messages and tells the round loop when a reply
+  is whole, with 10-100 ms polls as the fallback; objects pulled with a 10 ms back-off);
+* ``confide secagg+central-dp``: SecAgg+ (t = 2 of 3) and central DP, the issue's target;
+* ``secagg, client killed R:STAGE``: client 2 SIGKILLs itself at that point of round R;
+  ``death_to_round_end_s`` is the time from its death to the end of that round without it;
 * ``flower-polling``: the same processes polling like Flower's own loops (every 3 s on both
   sides: ``flower-supernode`` sleeps 3 s between empty pulls, ``Grid.send_and_receive`` 3 s);
 * ``sequential simulation``: the same job in one process (the baseline the ratio uses);
@@ -16,7 +20,9 @@ TLS with node authentication, exactly as a deployment does. Variants, side by si
 Round 1 includes each client building the job (imports, model) and is reported apart.
 The machine is shared: the load average before and after each variant is recorded.
 
-    python benchmarks/deploy_round_time.py [--rounds 8] [--out benchmarks/results]
+CPU seconds per later round (every process of the deployment) do not depend on the load.
+
+    python benchmarks/deploy_round_time.py [--rounds 8] [--kills 3:training] [--out DIR]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -113,6 +120,23 @@ def _rounds_done(run: Path) -> int:
     return 0
 
 
+def _tree_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and their descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0.0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return total
+
+
 def _partitions(job: Path, folder: Path) -> list[Path]:
     from confide.app.simulate import build_simulation
     from confide.config import load_config
@@ -169,23 +193,38 @@ def deployed(rounds: int, *, poll: float, max_poll: float, threads: int, extra: 
                                "--threads", str(threads), "-q", *timing], folder, f"c{i}",
                               env=env))
         death: dict[str, float] = {}
+        #: CPU seconds of every process of the deployment when each round was recorded
+        cpu_at_round: dict[int, float] = {}
+        pids = [p.pid for p in procs]
+
+        def watch(until: Any) -> None:  # sample the rounds (and CPU) every 5 ms
+            while not until() and server.poll() is None:
+                done = _rounds_done(folder / "run")
+                if done and done not in cpu_at_round:
+                    cpu_at_round[done] = _tree_cpu_s(pids)
+                time.sleep(0.005)
+
         if kill_at is not None:
             victim, kill_round = procs[-1], int(kill_at.split(":")[0])
-            while victim.poll() is None and server.poll() is None:
-                time.sleep(0.005)
+            watch(lambda: victim.poll() is not None)
             died = time.monotonic()
-            while _rounds_done(folder / "run") < kill_round and server.poll() is None:
-                time.sleep(0.005)
+            watch(lambda: _rounds_done(folder / "run") >= kill_round)
             death = {"death_to_round_end_s": time.monotonic() - died}
+        watch(lambda: _rounds_done(folder / "run") >= rounds)
         if server.wait(timeout=900) != 0:
             raise RuntimeError((folder / "server.err").read_text()[-2000:])
         with (folder / "run" / "timings.csv").open() as fh:
             seconds = [float(r["round_s"]) for r in csv.DictReader(fh)]
         history = json.loads((folder / "run" / "history.json").read_text())
+        later = sorted(r for r in cpu_at_round if r >= 1)
+        # A killed client's CPU leaves the sum with it: only whole federations are counted.
+        cpu = ((cpu_at_round[later[-1]] - cpu_at_round[later[0]]) / (later[-1] - later[0])
+               if len(later) >= 2 and kill_at is None else None)
         return {"round_s": seconds, "first_round_s": seconds[0],
                 "median_later_round_s": statistics.median(seconds[1:]),
                 "final_accuracy": history[-1]["test_accuracy"],
-                "clients_per_round": [r["num_clients"] for r in history], **death}
+                "clients_per_round": [r["num_clients"] for r in history],
+                "cpu_s_per_later_round": cpu, **death}
     finally:
         _stop(procs)
         shutil.rmtree(folder, ignore_errors=True)
@@ -220,6 +259,32 @@ def fresh_process_seconds(repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def _markdown(variants: dict[str, dict[str, Any]], args: argparse.Namespace,
+              spawn: float) -> str:
+    lines = [f"# Deployed round time ({args.rounds} rounds, 3 clients, {os.cpu_count()} CPUs, "
+             "TLS on, loopback)", "",
+             "Produced by `python benchmarks/deploy_round_time.py` "
+             f"(--rounds {args.rounds}). The machine is shared: the load average (1 min) "
+             "before and after each variant is given; CPU s/round is every process of the "
+             "deployment (coordinator, SuperLink, clients) between rounds 1 and the last.", "",
+             "| variant | median later round (s) | rounds (s) | CPU s/round | death to round "
+             "end (s) | clients per round | load before -> after |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in variants.items():
+        cpu = v.get("cpu_s_per_later_round")
+        death = v.get("death_to_round_end_s")
+        lines.append(
+            f"| {name} | {v['median_later_round_s']:.3f} | "
+            f"{', '.join(f'{x:.2f}' for x in v['round_s'])} | "
+            f"{'' if cpu is None else f'{cpu:.2f}'} | "
+            f"{'' if death is None else f'{death:.2f}'} | "
+            f"{', '.join(str(c) for c in v.get('clients_per_round', []))} | "
+            f"{v['load_before']:.1f} -> {v['load_after']:.1f} |")
+    lines += ["", f"Starting a fresh ClientApp process (Flower's default isolation, per "
+              f"message): {spawn:.2f} s.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
@@ -228,6 +293,8 @@ def main() -> None:
     parser.add_argument("--skip-flower-polling", action="store_true")
     parser.add_argument("--stage-timeout", type=float, default=5.0,
                         help="secure_aggregation.stage_timeout_s of the SecAgg variants")
+    parser.add_argument("--kills", default="3:training,3:share_keys,3:unmask",
+                        help="comma-separated <round>:<stage> client kills to time ('' none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
@@ -248,7 +315,7 @@ def main() -> None:
     secure = SECURE.format(stage_timeout=args.stage_timeout)
     run("confide secagg+central-dp", deployed, poll=0.01, max_poll=0.1, threads=args.threads,
         extra=secure)
-    for kill in ("3:training", "3:share_keys", "3:unmask"):
+    for kill in [k for k in args.kills.split(",") if k]:
         run(f"secagg, client killed {kill}", deployed, poll=0.01, max_poll=0.1,
             threads=args.threads, extra=secure, kill_at=kill)
         print(f"{'':>24}  death to the end of round 3 without it: "
@@ -268,6 +335,7 @@ def main() -> None:
                                "threads_per_client": args.threads, "cpus": os.cpu_count(),
                                "fresh_clientapp_process_s": spawn, "variants": variants},
                               indent=2))
+    (args.out / "deploy_round_time.md").write_text(_markdown(variants, args, spawn))
     print(f"target < 2 s per round: confide later rounds "
           f"{variants['confide']['median_later_round_s']:.3f} s, with SecAgg + central DP "
           f"{variants['confide secagg+central-dp']['median_later_round_s']:.3f} s; written "

@@ -138,18 +138,32 @@ def _tensor_decoder() -> Decoder:
 
 # -- 3. secagg_stage.unpack
 def _unpack_decoder() -> Decoder:
-    payloads = [b"", b"CFSA" + bytes(60), bytes(range(256)) * 3]
-    seeds = [pack(p).array_records["confide.secagg"]["bytes"].data for p in payloads]
+    """The payload is one ConfigRecord bytes value in the "confide.stage" record."""
+    payloads = [b"", b"CFSA" + bytes(60), bytes(range(256)) * 3, bytes(4097)]
+
+    def record(value: object) -> RecordDict:
+        return RecordDict({"confide.stage": ConfigRecord({"secagg": value})})  # type: ignore[dict-item]
 
     def generate(rng: random.Random) -> RecordDict:
-        if rng.random() < 0.05:  # records of the wrong shape
-            return rng.choice([RecordDict({}), RecordDict({"confide.secagg": ArrayRecord({})}),
-                               RecordDict({"confide.secagg": ConfigRecord({"bytes": b"x"})})])
-        return RecordDict({"confide.secagg": ArrayRecord(
-            {"bytes": _array(npy_case(rng, seeds, 64, 1), rng)})})
+        if rng.random() < 0.1:  # records of the wrong shape or type
+            return rng.choice([
+                RecordDict({}), RecordDict({"confide.stage": ConfigRecord({})}),
+                RecordDict({"confide.stage": ArrayRecord({})}),
+                RecordDict({"confide.secagg": ConfigRecord({"secagg": b"x"})}),
+                record("text"), record(7), record([b"a", b"b"]), record(True)])
+        data = bytearray(rng.choice(payloads))
+        for _ in range(rng.randrange(4)):  # flip, cut or grow
+            op = rng.randrange(3)
+            if op == 0 and data:
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            elif op == 1:
+                del data[rng.randrange(len(data) + 1):]
+            else:
+                data += rng.randbytes(rng.randrange(1, 64))
+        return pack(bytes(data))
 
     def from_bytes(data: bytes) -> RecordDict:
-        return RecordDict({"confide.secagg": ArrayRecord({"bytes": _array(data)})})
+        return pack(data)
 
     return Decoder("secagg_unpack", (ProtocolError,), generate, from_bytes,
                    lambda c: unpack(c, "fuzz", max_bytes=4096),

@@ -238,7 +238,20 @@ def build_client_app(runner: TaskRunner | Callable[[Context], TaskRunner], *,
         except ConfideError as exc:
             log.error("task refused: %s", exc)
             return _error_reply(message, ERROR_REFUSED, str(exc))
-        return Message(encode_result(result, include_vectors=not local), reply_to=message)
+        reply = encode_result(result, include_vectors=not local)
+        setup = message.content.config_records.get("confide.stage")
+        if local and setup is not None:
+            # Secure aggregation's SETUP came with the task: answer Round 0 (advertise
+            # keys) with this reply (Bonawitz et al. 2017, Fig. 4; see
+            # confide.server.secagg_transport). Without an answer the client has dropped
+            # out at advertise_keys.
+            _fault_point(task.server_round, "advertise_keys")
+            try:
+                keys = handle_secagg_stage(message.content, runner_.session(task.client_id))
+                reply["confide.stage"] = keys["confide.stage"]
+            except ConfideError as exc:
+                log.error("secure aggregation's setup refused: %s", exc)
+        return Message(reply, reply_to=message)
 
     @app.query("confide_hello")
     def hello(message: Message, context: Context) -> Message:

@@ -51,6 +51,7 @@ from confide.exceptions import (
 from confide.server.buffered import ArrivalCoordinator
 from confide.server.ca import load_federation
 from confide.server.checkpoint import check_resumable, resume_job
+from confide.server.delivery import Delivery
 from confide.server.enrolment import ClientRecord, EnrolmentAuthority
 from confide.server.flower_app import GridExecutor, NodeDirectory, build_server_app
 from confide.server.gateway import Gateway
@@ -90,8 +91,10 @@ class _EnrolledClients(NodeDirectory):
     """Client ids are enrolment order; node ids come from registering the enrolled keys."""
 
     def __init__(self, *, authority: EnrolmentAuthority, runtime: SuperLinkClient,
-                 size: int) -> None:
+                 size: int, delivery: Delivery | None = None) -> None:
         self.authority = authority
+        #: the gateway's view of who is connected (a client whose process ended is gone)
+        self.delivery = delivery
         self.runtime = runtime
         self.size = size
         self.records: list[ClientRecord] = []
@@ -142,7 +145,17 @@ class _EnrolledClients(NodeDirectory):
         node = self.node_ids.get(record.name)
         if node is None or node not in self.online:
             return f"client {record.name!r} is not connected"
-        return node
+        why = self.gone(client_id)
+        return node if why is None else why
+
+    def gone(self, client_id: int) -> str | None:  # noqa: D102
+        if self.delivery is None or client_id >= len(self.records):
+            return None
+        name = self.records[client_id].name
+        seconds = self.delivery.gone_for(name)
+        if seconds is None or seconds < self.delivery.gone_grace_s:
+            return None
+        return f"client {name!r} closed its connections {seconds:.1f} s ago (its process ended)"
 
     def all_nodes(self) -> list[int]:  # noqa: D102
         return sorted(self.node_ids[r.name] for r in self.records
@@ -314,7 +327,9 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path | None,
             link.start()
             runtime = SuperLinkClient(link)
             grid = runtime.start_run(job.digest)
-            directory = _EnrolledClients(authority=authority, runtime=runtime, size=n)
+            delivery = Delivery()
+            directory = _EnrolledClients(authority=authority, runtime=runtime, size=n,
+                                         delivery=delivery)
             directory.admit()
 
             def on_enrolled(record: ClientRecord) -> None:
@@ -322,7 +337,8 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path | None,
 
             gateway = Gateway(federation=federation, host=options.host, port=options.port,
                               upstream=link.address, insecure=options.insecure,
-                              authority=authority, on_enrolled=on_enrolled)
+                              authority=authority, on_enrolled=on_enrolled,
+                              delivery=delivery)
             gateway.start()
             address = f"{options.host}:{gateway.bound_port}"
             if on_start is not None:
@@ -345,9 +361,11 @@ def run_deployment(*, ca_dir: str | Path, config_path: str | Path | None,
                                     poll_interval=options.poll_interval_s,
                                     max_poll_interval=options.max_poll_interval_s,
                                     vectors_in_replies=not config.secure_aggregation.enabled,
-                                    codec=UpdateCodec.from_config(config))
+                                    codec=UpdateCodec.from_config(config),
+                                    delivery=delivery)
             if config.secure_aggregation.enabled:
                 aggregator.executor = executor
+                executor.task_setup = aggregator.setup_requests  # Round 0 with the tasks
 
             def main(grid_: Any, _context: Any) -> None:
                 common: dict[str, Any] = dict(

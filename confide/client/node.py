@@ -9,14 +9,17 @@ mutual TLS with the certificate from enrolment. Two things differ from ``flower-
   node never installs or runs code from the run's app bundle, so the coordinator cannot make
   a client execute anything but the Confide version its operator installed;
 * it polls for messages every ``poll_interval`` seconds after activity, backing off to
-  ``max_poll_interval`` while idle (Flower's loop sleeps 3 s), and pulls message objects
-  with a short back-off.
+  ``max_poll_interval`` while idle (Flower's loop sleeps 3 s), or at once when the
+  coordinator held its last pull until it had news (a long poll), and pulls message objects
+  with a short back-off; it keeps its connections open, so the coordinator takes a client
+  whose connections all closed for gone (:mod:`confide.server.delivery`).
 
 It reads only its own data file and sends back only what the ClientApp returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -29,6 +32,7 @@ import httpx
 from confide.client.enrol import ClientIdentity, parse_address
 from confide.client.messages import FINISH
 from confide.exceptions import ConfideError, SecurityError
+from confide.files import atomic_write_text
 
 __all__ = ["NodeOptions", "run_node"]
 
@@ -53,6 +57,12 @@ class NodeOptions:
     heartbeat_interval: float = 10.0
     #: back-off between reconnection attempts: doubles from the first to the last
     reconnect_backoff: tuple[float, float] = (0.5, 5.0)
+
+
+#: the node id of the last activation, in the client's folder (to end a stale session)
+NODE_ID_FILE = "node_id"
+#: longer than any coordinator keeps an idle connection (its gateway: 30 s)
+_KEEPALIVE_S = 3600.0
 
 
 class _Refused(ConfideError):
@@ -106,6 +116,15 @@ class _Fleet:
             f"{scheme}://{netloc}", verify=verify, timeout=options.request_timeout,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
                           NodeAuthHttpInterceptor(identity.key, identity.key.public_key())])
+        # Connections are kept until the coordinator closes them (idle) or this process
+        # ends: the coordinator takes a client whose connections all closed from its side
+        # for gone (confide.server.delivery), so the node never expires one itself
+        # (httpx's default closes those idle for 5 s, about a heartbeat's interval).
+        old = self.client._client  # noqa: SLF001 - Flower builds it and takes no limits
+        self.client._client = httpx.Client(  # noqa: SLF001
+            verify=verify, timeout=old.timeout, follow_redirects=True,
+            limits=httpx.Limits(keepalive_expiry=_KEEPALIVE_S))
+        old.close()
         self.identity = identity
         self.node: Any = None
         self.heartbeat_interval = options.heartbeat_interval
@@ -130,7 +149,26 @@ class _Fleet:
             public_key=public_key_to_bytes(self.identity.key.public_key()),
             heartbeat_interval=self.heartbeat_interval))
         self.node = Node(node_id=res.node_id)
+        with contextlib.suppress(OSError):  # remembered for a restart (see _connect)
+            atomic_write_text(self.identity.directory / NODE_ID_FILE, f"{res.node_id}\n")
         return int(res.node_id)
+
+    def deactivate_previous(self) -> bool:
+        """End the session of this client's previous process (killed, say) if the
+        coordinator still counts it online; True if it did.
+
+        Flower refuses to activate a node that is online (412) until its heartbeats expire
+        (two missed: ~20 s); the request is signed with this client's own key, so only
+        this client's node can be ended so.
+        """
+        from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+
+        try:
+            node_id = int((self.identity.directory / NODE_ID_FILE).read_text().strip())
+            self.call("DeactivateNode", DeactivateNodeRequest(node_id=node_id))
+        except (OSError, ValueError, httpx.HTTPError):
+            return False
+        return True
 
     def heartbeat(self) -> bool:
         from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
@@ -220,6 +258,7 @@ def _connect(fleet: _Fleet, options: NodeOptions) -> int:
     """Activate the node, retrying while the coordinator is not up (yet)."""
     deadline = time.monotonic() + options.connect_timeout
     last = "no answer"
+    ended_previous = False
     while True:
         try:
             return fleet.activate()
@@ -227,6 +266,12 @@ def _connect(fleet: _Fleet, options: NodeOptions) -> int:
             raise
         except httpx.HTTPStatusError as exc:
             last = f"{_refusal(exc)}"
+            if exc.response.status_code == 412 and not ended_previous:
+                # Still online from this client's previous process: end that session.
+                ended_previous = True
+                if fleet.deactivate_previous():
+                    log.info("ended the session of this client's previous process")
+                    continue
         except (httpx.TransportError, OSError) as exc:
             tls = _tls_failure(exc)
             if tls is not None:
@@ -317,6 +362,7 @@ def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions 
                     backoff = options.reconnect_backoff[0]
                     log.info("client %r reconnected to %s as node %d", identity.name,
                              identity.coordinator, node_id)
+                pulled_at = time.monotonic()
                 message = fleet.pull()
                 lost_since = None
             except _Refused as exc:
@@ -346,6 +392,11 @@ def run_node(*, identity: ClientIdentity, client_app: Any, options: NodeOptions 
                 continue
             rejoined_after_refusal = False
             if message is None:
+                if time.monotonic() - pulled_at >= options.max_poll_interval:
+                    # The coordinator held the pull until it had news (a long poll,
+                    # confide.server.delivery): ask again at once, no back-off.
+                    interval = options.poll_interval
+                    continue
                 time.sleep(interval)
                 interval = min(interval * 1.5, max(options.poll_interval,
                                                    options.max_poll_interval))

@@ -2,12 +2,13 @@
 
 :class:`GridExecutor` is an :class:`~confide.simulations.executors.Executor`: for each round
 it sends every sampled client's :class:`~confide.client.ClientTask` as a ``train`` Message to
-that client's node, polls the Grid for the replies (at ``poll_interval``, not Flower's fixed
+that client's node, pulls the replies from the Grid when the gateway says one is whole
+(:mod:`confide.server.delivery`; otherwise it polls at ``poll_interval``, not Flower's fixed
 3 s), and decodes them into :class:`~confide.client.ClientResult` objects. A client whose node is
-unknown, offline or revoked, whose reply is an error or malformed, or who does not answer
-within ``round_timeout`` becomes a dropped outcome; the coordinator's quorum rule decides
-whether the round goes on. :meth:`GridExecutor.exchange` sends any extra protocol stage
-(secure aggregation's rounds of messages) the same way.
+unknown, offline, revoked or gone (its process ended), whose reply is an error or malformed, or
+who does not answer within ``round_timeout`` becomes a dropped outcome; the coordinator's
+quorum rule decides whether the round goes on. :meth:`GridExecutor.exchange` sends any extra
+protocol stage (secure aggregation's rounds of messages) the same way.
 
 The same executor runs on Flower's deployment runtime (``HttpGrid`` to a SuperLink, see
 :mod:`confide.app.deploy`) and on its simulation engine (``InMemoryGrid`` with Ray, see
@@ -20,6 +21,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext, suppress
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -28,10 +30,12 @@ from confide.client.messages import FINISH, HELLO, TRAIN, JobSpec, decode_result
 from confide.client.session import ERROR_DROPPED
 from confide.compression import UpdateCodec, count_bytes
 from confide.exceptions import ProtocolError
+from confide.privacy.secagg.flower_stage import STAGE, pack, unpack
 from confide.round import ClientResult, ClientTask, CohortOutcome, Executor, ResultBatch
+from confide.server.delivery import Delivery
 
 __all__ = ["NodeDirectory", "GridExecutor", "build_server_app", "discover_nodes",
-           "message_bytes"]
+           "message_bytes", "stage_request"]
 
 log = logging.getLogger("confide")
 
@@ -49,6 +53,10 @@ def message_bytes(message: Message) -> int:
     return n
 
 
+#: with a Delivery, fallback polls back off this much further (the gateway tells of replies)
+_TOLD_SLOWER = 4.0
+
+
 class NodeDirectory(ABC):
     """Maps Confide client ids to Flower node ids, and says who may take part."""
 
@@ -63,6 +71,10 @@ class NodeDirectory(ABC):
     def all_nodes(self) -> list[int]:
         """Node ids of every client that may take part."""
 
+    def gone(self, client_id: int) -> str | None:
+        """Why ``client_id`` is known to be gone (its process ended), or None."""
+        return None
+
 
 class GridExecutor(Executor):
     """Runs client tasks as Flower Messages through a Grid."""
@@ -72,7 +84,8 @@ class GridExecutor(Executor):
     def __init__(self, *, grid: Grid, nodes: NodeDirectory, job: JobSpec,
                  aux_names: tuple[str, ...] = (), round_timeout: float = 600.0,
                  poll_interval: float = 0.01, max_poll_interval: float = 0.1,
-                 vectors_in_replies: bool = True, codec: UpdateCodec | None = None) -> None:
+                 vectors_in_replies: bool = True, codec: UpdateCodec | None = None,
+                 delivery: Delivery | None = None) -> None:
         # No SimulationContext: a deployed coordinator holds no client data.
         self.grid = grid
         self.nodes = nodes
@@ -92,20 +105,34 @@ class GridExecutor(Executor):
         #: deadline)
         self._inflight: dict[str, tuple[ClientTask, float]] = {}
         self._early: list[tuple[int, ClientResult | None, str]] = []
+        #: told by the gateway when replies arrive (None: poll only, e.g. in simulation)
+        self.delivery = delivery
+        #: ``(client ids, round) -> SecAgg SETUP per client`` sent with the training tasks
+        #: (:meth:`DeployedSecureAggregator.setup_requests`); None: tasks carry none
+        self.task_setup: Callable[[list[int], int], dict[int, bytes]] | None = None
+        #: client id -> its ``advertise_keys`` reply that came with its training reply
+        self.advertised: dict[int, bytes] = {}
+        #: clients whose last training task carried a SETUP
+        self._task_setups: set[int] = set()
 
     # ------------------------------------------------------------------ messaging
-    def _collect(self, sent: Mapping[str, int], timeout: float) -> dict[int, Message]:
-        """Replies to the messages ``sent`` (message id -> client id) until ``timeout``.
+    def _collect(self, sent: Mapping[str, int], timeout: float
+                 ) -> tuple[dict[int, Message], dict[int, str]]:
+        """Replies to the messages ``sent`` (message id -> client id) until ``timeout``,
+        and the clients known to be gone meanwhile (``NodeDirectory.gone``).
 
-        Polls every ``poll_interval`` at first and backs off by 1.5x per empty poll up to
-        ``max_poll_interval``: each poll costs the SuperLink a few milliseconds of CPU, which
-        on a small machine competes with training.
+        Between pulls it waits for the gateway's word that a reply arrived (``delivery``),
+        else polls every ``poll_interval`` at first and backs off by 1.5x per empty poll up
+        to ``max_poll_interval``: each poll costs the SuperLink a few milliseconds of CPU,
+        which on a small machine competes with training.
         """
         pending = set(sent)
         replies: dict[int, Message] = {}
+        gone: dict[int, str] = {}
         deadline = time.monotonic() + timeout
         interval = self.poll_interval
         while pending:
+            generation = self.delivery.generation if self.delivery is not None else 0
             got = False
             for reply in self.grid.pull_messages(list(pending)):
                 mid = reply.metadata.reply_to_message_id
@@ -114,18 +141,29 @@ class GridExecutor(Executor):
                     replies[sent[mid]] = reply
                     self._bytes_up += message_bytes(reply)
                     got = True
+            for mid in list(pending):  # a client whose process ended will not answer
+                why = self.nodes.gone(sent[mid])
+                if why is not None:
+                    pending.discard(mid)
+                    gone[sent[mid]] = why
             if not pending or time.monotonic() >= deadline:
                 break
             interval = self.poll_interval if got else min(interval * 1.5,
                                                           self.max_poll_interval)
-            time.sleep(interval)
-        return replies
+            if self.delivery is not None:
+                # Told when a reply is whole; the polls that remain catch what the gateway
+                # does not see (the SuperLink's own error replies), so they can be rarer.
+                self.delivery.wait(generation, interval * _TOLD_SLOWER)
+            else:
+                time.sleep(interval)
+        return replies, gone
 
     def _push(self, messages: list[tuple[int, Message]]) -> tuple[dict[str, int], dict[int, str]]:
         """Push ``(client_id, message)`` pairs; returns sent ids and push failures."""
         if not messages:
             return {}, {}
-        ids = list(self.grid.push_messages([m for _, m in messages]))
+        with self.delivery.pushing() if self.delivery is not None else nullcontext():
+            ids = list(self.grid.push_messages([m for _, m in messages]))
         sent, failed = {}, {}
         for (cid, message), mid in zip(messages, ids, strict=False):
             if mid:
@@ -143,14 +181,28 @@ class GridExecutor(Executor):
         self.nodes.refresh()
         failures: dict[int, str] = {}
         messages: list[tuple[int, Message]] = []
+        nodes: dict[int, int] = {}
         for task in tasks:
             node = self.nodes.node_of(task.client_id)
             if isinstance(node, str):
                 failures[task.client_id] = node
+            else:
+                nodes[task.client_id] = node
+        server_round = tasks[0].server_round if tasks else 0
+        setups = self.task_setup(sorted(nodes), server_round) if self.task_setup else {}
+        self._task_setups = set(setups)
+        self.advertised = {}
+        for task in tasks:
+            if task.client_id not in nodes:
                 continue
             content = encode_task(task, self.job)
+            if task.client_id in setups:
+                content["confide.stage"] = stage_request(
+                    pack(setups[task.client_id]), client_id=task.client_id, stage=STAGE,
+                    server_round=task.server_round)["confide.stage"]
             messages.append((task.client_id, Message(
-                content, dst_node_id=node, message_type=TRAIN, ttl=self.round_timeout,
+                content, dst_node_id=nodes[task.client_id], message_type=TRAIN,
+                ttl=self.round_timeout,
                 group_id=str(task.server_round))))
         return messages, failures
 
@@ -178,14 +230,19 @@ class GridExecutor(Executor):
         results: dict[int, ClientResult] = {}
         sent, failed = self._push(messages)
         failures.update(failed)
-        replies = self._collect(sent, self.round_timeout)
+        replies, gone = self._collect(sent, self.round_timeout)
         by_id = {t.client_id: t for t in tasks}
+        setups = self._task_setups
         for cid in sent.values():
-            result, why = self._read_reply(by_id[cid], replies.get(cid))
-            if result is None:
-                failures[cid] = why
+            reply = replies.get(cid)
+            result, why = self._read_reply(by_id[cid], reply)
+            if result is None or reply is None:
+                failures[cid] = gone.get(cid, why)
             else:
                 results[cid] = result
+                if cid in setups:  # its advertise_keys reply, checked by the protocol later
+                    with suppress(ProtocolError):
+                        self.advertised[cid] = unpack(reply.content, f"client {cid}'s keys")
         # One message per client (a batch of one each), stacked in task order.
         ordered = [results[t.client_id] for t in tasks if t.client_id in results]
         dim = self.job.num_params if self.vectors_in_replies else 0
@@ -257,9 +314,8 @@ class GridExecutor(Executor):
             if isinstance(node, str):
                 out[cid] = node
                 continue
-            records = RecordDict(dict(content.items()))
-            records["confide.stage"] = ConfigRecord({"client_id": cid, "stage": stage,
-                                                     "server_round": server_round})
+            records = stage_request(content, client_id=cid, stage=stage,
+                                    server_round=server_round)
             messages.append((cid, Message(records, dst_node_id=node,
                                           message_type=f"query.{stage}",
                                           ttl=timeout or self.round_timeout,
@@ -267,11 +323,12 @@ class GridExecutor(Executor):
         sent, failed = self._push(messages)
         out.update(failed)
         deadline = timeout or self.round_timeout
-        replies = self._collect(sent, deadline)
+        replies, gone = self._collect(sent, deadline)
         for cid in sent.values():
             reply = replies.get(cid)
-            if reply is None:  # the stage's deadline passed: dropped at this stage
-                out[cid] = f"no reply within the {deadline:g} s deadline of {stage}"
+            if reply is None:  # gone, or the stage's deadline passed: dropped at this stage
+                out[cid] = gone.get(cid, f"no reply within the {deadline:g} s deadline of "
+                                         f"{stage}")
             elif reply.has_error():
                 out[cid] = reply.error.reason or "error"
             else:
@@ -288,6 +345,22 @@ class GridExecutor(Executor):
             self._collect(sent, timeout)
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.info("could not tell every client the job is over: %s", exc)
+
+
+def stage_request(content: RecordDict, *, client_id: int, stage: str,
+                  server_round: int) -> RecordDict:
+    """``content`` with the stage header (``confide.stage``: client id, stage, round).
+
+    The header joins the stage's own ``confide.stage`` record if it has one: one record
+    where there would be two, so one Flower object less to push and to pull per message
+    (each is an HTTP request through the gateway and the SuperLink).
+    """
+    records = RecordDict(dict(content.items()))
+    own = content.config_records.get("confide.stage")
+    records["confide.stage"] = ConfigRecord({
+        **(dict(own.items()) if own is not None else {}),
+        "client_id": client_id, "stage": stage, "server_round": server_round})
+    return records
 
 
 def discover_nodes(grid: Grid, *, expected: int, timeout: float,

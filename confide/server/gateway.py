@@ -51,44 +51,34 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from confide.exceptions import ConfideError, ConfigError, SecurityError
+from confide.exceptions import ConfideError, SecurityError
 from confide.server.ca import Federation, same_public_key
+from confide.server.delivery import Delivery, objects_requested, pull_found_nothing
 from confide.server.enrolment import (
     ClientRecord,
     EnrolmentAuthority,
     Registry,
     parse_enrolment_request,
 )
-from confide.server.tls_stream import PlainStream, Stream, TLSStream
+from confide.server.gateway_limits import (
+    CA_PATH,
+    ENROL_PATH,
+    FLEET_ROUTES,
+    GatewayLimits,
+    Route,
+    route_table,
+)
+from confide.server.tls_stream import PlainStream, Stream, TLSStream, server_tls_context
 
 __all__ = ["Gateway", "GatewayLimits", "FLEET_ROUTES", "server_tls_context"]
 
 log = logging.getLogger("confide.gateway")
 
-#: Fleet API routes a Confide client node uses (Flower 1.41 paths).
-FLEET_ROUTES = frozenset(f"/v1/fleet/{m}" for m in (
-    "activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages",
-    "push-messages", "get-run", "push-object", "pull-object", "confirm-message-received"))
-ENROL_PATH = "/confide/v1/enrol"
-CA_PATH = "/confide/v1/ca"
 PUBLIC_KEY_HEADER = "flwr-public-key"
+PULL_PATH, PUSH_MESSAGES_PATH, PUSH_OBJECT_PATH = (
+    "/v1/fleet/pull-messages", "/v1/fleet/push-messages", "/v1/fleet/push-object")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"}
-
-
-def server_tls_context(federation: Federation) -> ssl.SSLContext:
-    """The gateway's TLS context: server cert, optional client certs checked with the CRL."""
-    p = federation.paths
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(p.ca_cert))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(p.server_cert), str(p.server_key))
-    ctx.load_verify_locations(cafile=str(p.crl))
-    # RFC 5280, Sec. 6.3: check the leaf against the CA's CRL; a missing CRL fails closed.
-    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    # Ask for a certificate; OpenSSL rejects the handshake when one is sent and does not
-    # verify. Routes other than enrolment then require that one was sent.
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    return ctx
 
 
 @dataclass
@@ -103,58 +93,6 @@ def _error(status: int, message: str) -> _Response:
     return _Response(status, [("content-type", "application/json")], body)
 
 
-@dataclass(frozen=True)
-class GatewayLimits:
-    """What a connection may cost the gateway, above all before it is authenticated.
-
-    Every deadline is in seconds. A body's deadline grows with what arrives: it gets
-    ``body_timeout_s`` plus one second per ``min_transfer_rate`` bytes received (the rule of
-    Apache's ``mod_reqtimeout``), so a slow but steady upload of a large update succeeds and
-    a body sent a byte at a time does not hold a connection; responses are written under the
-    same rule with ``send_timeout_s``.
-    """
-
-    handshake_timeout_s: float = 10.0
-    idle_timeout_s: float = 30.0
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    send_timeout_s: float = 30.0
-    min_transfer_rate: int = 64 * 1024
-    max_connections: int = 256
-    max_header_bytes: int = 16 * 1024
-    max_enrol_body_bytes: int = 64 * 1024
-    max_fleet_body_bytes: int = 4 * 1024 * 1024
-    max_body_bytes: int = 256 * 1024 * 1024
-    linger_s: float = 1.0
-    linger_bytes: int = 1024 * 1024
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if not value > 0:
-                raise ConfigError(f"gateway limit {name} must be positive, not {value!r}")
-
-
-@dataclass(frozen=True)
-class _Route:
-    path: str
-    method: str
-    max_body: int
-    fleet: bool  # forwarded to the SuperLink for an authorised client
-
-
-#: Fleet routes whose bodies carry model objects; the others carry small protobufs.
-_BULK_FLEET_ROUTES = frozenset({"/v1/fleet/push-object", "/v1/fleet/push-messages"})
-
-
-def _route_table(limits: GatewayLimits) -> dict[str, _Route]:
-    routes = {CA_PATH: _Route(CA_PATH, "GET", 0, fleet=False),
-              ENROL_PATH: _Route(ENROL_PATH, "POST", limits.max_enrol_body_bytes, fleet=False)}
-    for path in FLEET_ROUTES:
-        size = limits.max_body_bytes if path in _BULK_FLEET_ROUTES else limits.max_fleet_body_bytes
-        routes[path] = _Route(path, "POST", size, fleet=True)
-    return routes
-
-
 class _Refusal(Exception):  # noqa: N818 - control flow inside the gateway, never raised out
     """A request refused before it was served; the connection closes after the answer."""
 
@@ -164,14 +102,28 @@ class _Refusal(Exception):  # noqa: N818 - control flow inside the gateway, neve
         self.status, self.message, self.reason, self.headers = status, message, reason, headers
 
 
+@dataclass
+class _Client:
+    """Who is on one connection (its authorised client's name) and how it ended."""
+
+    name: str | None = None
+    #: the gateway closed it (idle, refused, shutting down), not the client
+    closed_here: bool = False
+
+
 class Gateway:
-    """Serves the public port in a background thread (its own asyncio loop)."""
+    """Serves the public port in a background thread (its own asyncio loop).
+
+    ``delivery`` (:mod:`confide.server.delivery`) makes it hold clients' empty pulls until the
+    coordinator pushes, report replies that arrived whole, and report clients whose
+    connections all closed.
+    """
 
     def __init__(self, *, federation: Federation, host: str, port: int, upstream: str | None,
                  insecure: bool = False, authority: EnrolmentAuthority | None = None,
                  on_enrolled: Callable[[ClientRecord], None] | None = None,
                  limits: GatewayLimits | None = None,
-                 upstream_timeout: float = 120.0) -> None:
+                 upstream_timeout: float = 120.0, delivery: Delivery | None = None) -> None:
         self.federation = federation
         self.host, self.port = host, port
         #: the SuperLink: ``unix:PATH`` (its socket, see confide.server.superlink) or host:port
@@ -181,8 +133,9 @@ class Gateway:
         self.registry: Registry = self.authority.registry
         self.on_enrolled = on_enrolled
         self.limits = limits or GatewayLimits()
-        self._routes = _route_table(self.limits)
+        self._routes = route_table(self.limits)
         self.upstream_timeout = upstream_timeout
+        self.delivery = delivery
         self._ctx: ssl.SSLContext | None = None
         self._ctx_stamp: tuple[float, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -244,6 +197,8 @@ class Gateway:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        if self.delivery is not None:
+            self.delivery.attach(self._loop)
         if not self.insecure:
             self._context()  # fail early on unreadable certificates
         if self.upstream is not None:
@@ -308,6 +263,7 @@ class Gateway:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         stream: Stream = PlainStream(reader, writer)
+        client = _Client()
         try:
             cert = None
             if not self.insecure:
@@ -327,22 +283,24 @@ class Gateway:
                                   max_incomplete_event_size=self.limits.max_header_bytes)
             while True:
                 try:
-                    req = await self._read_head(conn, stream)
+                    req = await self._read_head(conn, stream, client)
                     if req is None:
                         # RFC 8446, Sec. 6.1: close_notify marks the close as deliberate, so
                         # the client does not take it for a truncation attack.
                         await stream.close_notify()
                         return
-                    route = self._check_head(req, cert)
+                    route = self._check_head(req, cert, client)
                     body = await self._read_body(conn, stream, route)
                 except _Refusal as refusal:
+                    client.closed_here = True
                     self._refuse(refusal.reason)
                     log.info("refused a request from %s: %s", peer, refusal.message)
                     await self._send_refusal(conn, stream, refusal)
                     return
-                response = await self._handle(route, req, body)
+                response = await self._handle(route, req, body, cert, client)
                 keep = await self._send(conn, stream, response)
                 if not keep or conn.our_state is h11.MUST_CLOSE:
+                    client.closed_here = True
                     await stream.close_notify()
                     return
                 try:
@@ -353,6 +311,10 @@ class Gateway:
                 OSError, TimeoutError):
             return
         finally:
+            if client.name is not None and self.delivery is not None:
+                stopping = self._stopping is not None and self._stopping.is_set()
+                self.delivery.connection_closed(
+                    client.name, by_client=not (client.closed_here or stopping))
             writer.close()
             try:
                 await asyncio.wait_for(writer.wait_closed(), timeout=2)
@@ -369,7 +331,8 @@ class Gateway:
         except TimeoutError:
             return None
 
-    async def _read_head(self, conn: h11.Connection, stream: Stream) -> h11.Request | None:
+    async def _read_head(self, conn: h11.Connection, stream: Stream,
+                         client: _Client | None = None) -> h11.Request | None:
         """The next request line and headers; None when the client is done or sat idle.
 
         The wait for a request's first byte is bounded by the idle timeout; from that byte
@@ -394,6 +357,8 @@ class Gateway:
             if data is None:
                 if not started:  # RFC 9112, Sec. 9.5: an idle connection may be closed
                     self._refuse("idle-timeout")
+                    if client is not None:
+                        client.closed_here = True
                     return None
                 raise _Refusal(408, "the request head took too long", "header-timeout")
             if data and not started:
@@ -401,7 +366,8 @@ class Gateway:
                 deadline = loop.time() + self.limits.header_timeout_s
             conn.receive_data(data)
 
-    def _check_head(self, req: h11.Request, cert: x509.Certificate | None) -> _Route:
+    def _check_head(self, req: h11.Request, cert: x509.Certificate | None,
+                    client: _Client | None = None) -> Route:
         """The request's route, decided and authorised from its head alone."""
         # RFC 9112, Sec. 3.2.1: a server's own resources are asked for in origin-form
         # (absolute-path ["?" query]); absolute-form, authority-form and "*" are for proxies.
@@ -429,12 +395,16 @@ class Gateway:
             raise _Refusal(413, "request body too large", "body-size")
         if route.fleet:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
-            refusal = self._authorise(cert, headers)
-            if refusal is not None:
-                raise _Refusal(403, refusal, refusal)
+            record = self._authorise(cert, headers)
+            if isinstance(record, str):
+                raise _Refusal(403, record, record)
+            if client is not None and client.name != record.name:
+                client.name = record.name
+                if self.delivery is not None:
+                    self.delivery.connection_opened(record.name)
         return route
 
-    async def _read_body(self, conn: h11.Connection, stream: Stream, route: _Route) -> bytes:
+    async def _read_body(self, conn: h11.Connection, stream: Stream, route: Route) -> bytes:
         """The body of an admitted request, up to its route's limit, arriving steadily."""
         if conn.they_are_waiting_for_100_continue:
             # RFC 9110, Sec. 10.1.1: the client holds the body back until this arrives.
@@ -501,16 +471,40 @@ class Gateway:
         return response.status < 400 or response.status in (404,)
 
     # ------------------------------------------------------------------ routing
-    async def _handle(self, route: _Route, req: h11.Request, body: bytes) -> _Response:
+    async def _handle(self, route: Route, req: h11.Request, body: bytes,
+                      cert: x509.Certificate | None = None,
+                      client: _Client | None = None) -> _Response:
         """Serve an admitted request (its route and client were checked from its head)."""
         if route.path == CA_PATH:
             return _Response(200, [("content-type", "application/x-pem-file")], self._ca_pem)
         if route.path == ENROL_PATH:
             return await asyncio.get_running_loop().run_in_executor(None, self._enrol, body)
-        return await self._forward(route.method, route.path, list(req.headers), body)
+        delivery, name = self.delivery, None if client is None else client.name
+        if delivery is None or name is None:
+            return await self._forward(route.method, route.path, list(req.headers), body)
+        if route.path == PULL_PATH:  # a long poll (confide.server.delivery)
+            delivered = await delivery.before_pull()
+            response = await self._forward(route.method, route.path, list(req.headers), body)
+            if response.status == 200 and pull_found_nothing(response.body) \
+                    and await delivery.hold(delivered):
+                try:  # authorised again: the registry may have changed while it was held
+                    self._check_head(req, cert)
+                except _Refusal:
+                    return response  # empty; the client's next request is refused
+                response = await self._forward(route.method, route.path, list(req.headers),
+                                               body)
+            return response
+        response = await self._forward(route.method, route.path, list(req.headers), body)
+        if response.status == 200 and route.path == PUSH_MESSAGES_PATH:
+            due = objects_requested(response.body)
+            delivery.reply_started(name, 0 if due is None else due)
+        elif response.status == 200 and route.path == PUSH_OBJECT_PATH:
+            delivery.object_pushed(name)
+        return response
 
-    def _authorise(self, cert: x509.Certificate | None, headers: dict[str, str]) -> str | None:
-        """None if the request may reach the SuperLink, else why not."""
+    def _authorise(self, cert: x509.Certificate | None,
+                   headers: dict[str, str]) -> str | ClientRecord:
+        """The client's record if the request may reach the SuperLink, else why not."""
         if not self.insecure and cert is None:
             return "a client certificate is required (enrol with 'confide client enrol')"
         try:
@@ -530,7 +524,7 @@ class Gateway:
             return "this client is not enrolled in the federation"
         if not record.active:
             return f"client {record.name!r} is revoked"
-        return None
+        return record
 
     async def _forward(self, method: str, path: str, raw_headers: list[tuple[bytes, bytes]],
                        body: bytes) -> _Response:

@@ -219,10 +219,12 @@ class SuperLinkProcess:
         finally:
             os.close(write_fd)
         # Flower's parser insists on certificates when node authentication is on; the
-        # socket itself carries plain HTTP (see the module docstring).
+        # socket itself carries plain HTTP (see the module docstring). The child runs in its
+        # state folder, so a federation given as a relative path ('--ca fed') is resolved.
         cmd = [sys.executable, "-c", _CHILD, str(state_dir), str(socket_path),
-               "--ssl-certfile", str(p.link_cert), "--ssl-keyfile", str(p.link_key),
-               "--ssl-ca-certfile", str(p.ca_cert), "--enable-supernode-auth",
+               "--ssl-certfile", str(p.link_cert.resolve()),
+               "--ssl-keyfile", str(p.link_key.resolve()),
+               "--ssl-ca-certfile", str(p.ca_cert.resolve()), "--enable-supernode-auth",
                "--isolation", "process", "--disable-runtime-dependency-installation",
                "--superexec-auth-secret-file", f"/dev/fd/{read_fd}"]
         env = dict(os.environ, FLWR_HOME=str(state_dir / "flwr"),

@@ -1,4 +1,5 @@
-"""The gateway's byte streams: plain TCP, or server-side TLS driven over memory BIOs.
+"""The gateway's byte streams (plain TCP, or server-side TLS driven over memory BIOs) and
+its TLS context.
 
 Kept apart from :mod:`confide.server.gateway`, which owns what is said over them.
 """
@@ -8,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from typing import TYPE_CHECKING
 
-__all__ = ["Stream", "PlainStream", "TLSStream"]
+if TYPE_CHECKING:
+    from confide.server.ca import Federation
+
+__all__ = ["Stream", "PlainStream", "TLSStream", "server_tls_context"]
 
 
 class Stream:
@@ -123,3 +128,18 @@ class TLSStream(Stream):
             self.tls.unwrap()
         with contextlib.suppress(ConnectionError, OSError):
             await self._flush()
+
+
+def server_tls_context(federation: Federation) -> ssl.SSLContext:
+    """The gateway's TLS context: server cert, optional client certs checked with the CRL."""
+    p = federation.paths
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(p.ca_cert))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(p.server_cert), str(p.server_key))
+    ctx.load_verify_locations(cafile=str(p.crl))
+    # RFC 5280, Sec. 6.3: check the leaf against the CA's CRL; a missing CRL fails closed.
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    # Ask for a certificate; OpenSSL rejects the handshake when one is sent and does not
+    # verify. Routes other than enrolment then require that one was sent.
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx

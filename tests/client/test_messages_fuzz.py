@@ -16,7 +16,7 @@ from decoder_fuzzing import CASES_PER_EXAMPLE, N, batches, check_batch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 
-from confide.client.messages import array_to_tensor, decode_npy, decode_result
+from confide.client.messages import array_to_numpy, array_to_tensor, decode_npy, decode_result
 from confide.exceptions import ProtocolError
 from confide.privacy.secagg.flower_stage import pack, unpack
 
@@ -49,8 +49,7 @@ def test_issue_12_array_headers_raise_protocol_error(data, match):
     """A claimed 2e12-entry shape or a missing brace: ProtocolError, nothing allocated."""
     array = Array(dtype="uint8", shape=(11,), stype="numpy.ndarray", data=data)
     with pytest.raises(ProtocolError, match=match):
-        unpack(RecordDict({"confide.secagg": ArrayRecord({"bytes": array})}), "reply",
-               max_bytes=64)
+        array_to_numpy(array, name="payload", dtypes=("|u1",), max_entries=64)
     with pytest.raises(ProtocolError):
         array_to_tensor(array, name="update", length=N)
     content = RecordDict({"confide.result": ConfigRecord(

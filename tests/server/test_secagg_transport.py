@@ -15,6 +15,7 @@ from confide.config import load_config
 from confide.exceptions import ProtocolError
 from confide.privacy.secagg.aggregator import SecureAggregator
 from confide.privacy.secagg.flower_stage import handle_secagg_stage, pack, unpack
+from confide.server.flower_app import stage_request
 from confide.server.secagg_transport import DeployedSecureAggregator
 
 N = 50
@@ -33,8 +34,8 @@ class _LoopbackExecutor:
             if cid in self.silent:
                 out[cid] = "no reply"
                 continue
-            content["confide.stage"] = ConfigRecord({"client_id": cid, "stage": stage,
-                                                     "server_round": server_round})
+            content = stage_request(content, client_id=cid, stage=stage,
+                                    server_round=server_round)
             self.seen.append(content)
             try:
                 out[cid] = handle_secagg_stage(content, self.sessions[cid])
@@ -101,6 +102,61 @@ def test_a_silent_client_is_a_dropout_the_protocol_tolerates():
     assert torch.allclose(got.update_sum.double(), expected, atol=1e-4)
 
 
+class _SetupWithTasks(_LoopbackExecutor):
+    """The Grid executor's side of Round 0 with the tasks: SETUP out, keys back."""
+
+    def __init__(self, sessions, silent=frozenset()):
+        super().__init__(sessions, silent)
+        self.job = type("Job", (), {"num_params": N})()
+        self.aux_names = ()
+        self.advertised: dict[int, bytes] = {}
+        self.stages: list[str] = []
+
+    def send_tasks(self, aggregator, cohort):
+        for cid, setup in aggregator.setup_requests(cohort, 1).items():
+            if cid in self.silent:  # did not finish training: no keys either
+                continue
+            content = stage_request(pack(setup), client_id=cid, stage="secagg", server_round=1)
+            self.advertised[cid] = unpack(handle_secagg_stage(content, self.sessions[cid]), "k")
+
+    def exchange(self, stage, requests, *, server_round, timeout=None):
+        self.stages.append(unpack(next(iter(requests.values())), "r")[4:5].hex())
+        return super().exchange(stage, requests, server_round=server_round, timeout=timeout)
+
+
+def test_round_0_with_the_tasks_gives_the_same_sum_in_three_exchanges():
+    """SETUP travels with the training task and the keys with its reply (Bonawitz et al.
+    2017, Fig. 4, Round 0): the same sum, one round trip fewer."""
+    config, results, sessions = _setup()
+    reference = SecureAggregator(config).aggregate(list(results.values()), server_round=1,
+                                                   weighting="examples")
+    deployed = DeployedSecureAggregator(config)
+    executor = _SetupWithTasks(sessions)
+    deployed.executor = executor  # type: ignore[assignment]
+    executor.send_tasks(deployed, [0, 1, 2, 3])
+    got = deployed.aggregate(_placeholders(results), server_round=1, weighting="examples")
+    assert torch.equal(got.update_sum, reference.update_sum)
+    assert sorted(got.client_ids) == [0, 1, 2, 3]
+    assert len(executor.stages) == 3  # share_keys, masked_input, unmask
+
+
+def test_a_sampled_client_that_never_reports_dropped_at_advertise_keys():
+    config, results, sessions = _setup()
+    deployed = DeployedSecureAggregator(config)
+    executor = _SetupWithTasks(sessions, silent={3})
+    deployed.executor = executor  # type: ignore[assignment]
+    executor.send_tasks(deployed, [0, 1, 2, 3])
+    reporting = {c: r for c, r in results.items() if c != 3}
+    got = deployed.aggregate(_placeholders(reporting), server_round=1, weighting="examples")
+    expected = sum((10 + c) * results[c].update.double() for c in range(3))
+    assert sorted(got.client_ids) == [0, 1, 2]
+    assert torch.allclose(got.update_sum.double(), expected, atol=1e-4)
+    assert deployed.last_report is not None
+    assert deployed.last_report.dropped[3].startswith("advertise_keys")
+    # the SETUP serves one run: the next aggregate of that round exchanges all four stages
+    assert deployed.prepared_server(1, [0, 1, 2]) is None
+
+
 def test_a_reply_with_vectors_under_secure_aggregation_is_refused():
     result = ClientResult(client_id=1, update=torch.zeros(N), num_examples=1, num_steps=1)
     with pytest.raises(ProtocolError, match="in the clear"):
@@ -109,17 +165,19 @@ def test_a_reply_with_vectors_under_secure_aggregation_is_refused():
 
 def test_stage_for_another_round_is_refused():
     config, results, sessions = _setup()
-    content = pack(b"\x00" * 16)
-    content["confide.stage"] = ConfigRecord({"client_id": 0, "stage": "secagg",
-                                             "server_round": 2})
+    content = RecordDict({"confide.stage": ConfigRecord({
+        "secagg": bytes(16), "client_id": 0, "stage": "secagg", "server_round": 2})})
     with pytest.raises(ProtocolError, match="round 2"):
         handle_secagg_stage(content, sessions[0])
 
 
 def test_payload_must_be_bytes():
-    bad = RecordDict({"confide.secagg": ConfigRecord({"bytes": "text"})})
-    with pytest.raises(ProtocolError):
-        unpack(bad, "reply")
+    for bad in (RecordDict({"confide.stage": ConfigRecord({"secagg": "text"})}),
+                RecordDict({"confide.stage": ConfigRecord({"secagg": [b"a"]})}),
+                RecordDict({"confide.stage": ConfigRecord({"client_id": 0})}),
+                RecordDict({"confide.secagg": ConfigRecord({"secagg": b"abc"})})):
+        with pytest.raises(ProtocolError):
+            unpack(bad, "reply")
     assert unpack(pack(b"abc"), "reply") == b"abc"
     assert np.frombuffer(unpack(pack(bytes(range(256))), "x"), np.uint8).tolist() == list(
         range(256))

@@ -247,3 +247,17 @@ def test_next_start_removes_folders_of_coordinators_that_are_gone(federation, tm
     finally:
         link.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_federation_given_as_a_relative_path_starts(federation, tmp_path, monkeypatch):
+    """``server start --ca fed`` from the folder above: the child runs in its state folder,
+    where 'fed/...' does not exist (found by benchmarks/deploy_round_time.py)."""
+    root = federation.paths.root
+    monkeypatch.chdir(root.parent)
+    link = SuperLinkProcess(federation=load_federation(root.name),
+                            log_path=tmp_path / "superlink.log")
+    try:
+        link.start()
+        assert link.process is not None and link.process.poll() is None
+    finally:
+        link.stop()

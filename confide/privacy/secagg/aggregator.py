@@ -236,11 +236,17 @@ class SecureAggregator(Aggregator):
             results = batch
         results = sorted(results, key=lambda r: r.client_id)
         results, expand = self._compressed_inputs(results, server_round, weighting)
-        n = len(results)
-        degree, threshold = self.graph_for(n)
         first = results[0].update
         dim = int(first.numel())
         aux_names = sorted(results[0].aux)
+        # A server whose SETUP already went out (a deployment sends it with the tasks): its
+        # cohort, the clients sampled, fixes n, and so the quantiser's levels the clients use.
+        prepared = self.prepared_server(server_round, [r.client_id for r in results])
+        if prepared is not None and prepared.vector_length != self.vector_length(
+                dim, len(aux_names), len(prepared.cohort)):
+            prepared = None
+        n = len(results) if prepared is None else len(prepared.cohort)
+        degree, threshold = self.graph_for(n)
         for r in results:
             if sorted(r.aux) != aux_names or int(r.update.numel()) != dim:
                 raise RoundFailedError(f"round {server_round}: clients report vectors of "
@@ -272,7 +278,7 @@ class SecureAggregator(Aggregator):
             report.sum_words = words
             report.coordinator_seconds = time.perf_counter() - t0
         else:
-            server = SecAggServer(
+            server = prepared or SecAggServer(
                 cohort=list(contributions), server_round=server_round, bits=bits,
                 vector_length=vector_length, degree=degree, threshold=threshold,
                 max_weight=self.settings.max_weight,
@@ -304,6 +310,18 @@ class SecureAggregator(Aggregator):
             self._publish_metadata(batch, report)
         return expand(self._decode(words[:-len(META_FIELDS)], report.included, first, dim,
                                    aux_names, quantiser)).to(device)
+
+    def vector_length(self, dim: int, num_aux: int, n: int) -> int:
+        """Words each client masks: its encoded update, weight, aux vectors and metadata."""
+        if self.input_mode == INPUT_INTEGERS:
+            return dim + 1 + len(META_FIELDS)
+        quantiser = Quantiser(bits=self.settings.bits, clipping_range=self.settings.clipping_range,
+                              max_weight=self.settings.max_weight, cohort_size=n)
+        return quantiser.vector_length(dim, num_aux) + len(META_FIELDS)
+
+    def prepared_server(self, server_round: int, reporting: list[int]) -> SecAggServer | None:
+        """A server whose ``advertise_keys`` already ran for ``server_round`` (None here)."""
+        return None
 
     def message_path(self, clients: dict[int, SecAggClient],
                      contributions: dict[int, Contribution], drop_after: dict[int, str],
