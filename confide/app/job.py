@@ -18,6 +18,7 @@ from confide.client.compression import CompressionStage
 from confide.client.pipeline import ClientPipeline, UpdateStage
 from confide.compression import UpdateCodec
 from confide.config import Config
+from confide.field_quantisation import uses_field_quantisation
 from confide.models import build_model
 from confide.parameters import get_flat_params
 from confide.privacy import build_round_privacy
@@ -92,7 +93,9 @@ def compression_stage(config: Config, *, privacy: RoundPrivacy, dim: int) -> Upd
     settings say so (``compression``, ``compression_order``).
     """
     comp = config.compression
-    if comp.method == "none":
+    if comp.method == "none" or uses_field_quantisation(config):
+        # QSGD in the secure-aggregation field is quantised by each client's side of the
+        # protocol, after the weight is known (confide.privacy.secagg.compressed)
         return None
     codec = UpdateCodec.from_config(config)
     clip_norm = None
