@@ -47,6 +47,11 @@ are orthogonal, so ``R`` is, and no coordinate is padded: the words on the wire 
 Rademacher sum of a vector of norm at most ``||v||`` (conditioning on the first step), which
 is the bound above with ``B`` in place of ``d``.
 
+**Randomness**: the rotation's signs are shared by the round (from the run's seed, as random-k's
+indices are); each client's rounding uniforms come from the round's seed and its id. This is
+simulation randomness, never cryptographic: a deployment would draw the rounding from the
+client's own secret randomness.
+
 **Exact integers in a narrow field** (weights, counts): :func:`to_limbs` splits a value into
 ``L``-bit limbs, one per word, with ``n (2^L - 1) <= 2^b - 1``, so the limb sums never wrap
 and :func:`from_limb_sums` recombines the exact total.
