@@ -72,10 +72,11 @@ def test_decode_of_encode_within_the_stated_bound(dim, n, scale, seed):
     assert int(codes.abs().max()) <= 127
     want = _clip(x, clip) * factors[:, None]
     y = fq.rotation.forward(want) / fq.gamma
-    if bool((y.abs() < 127).all()):  # unsaturated: every code within one step, in R's frame
-        assert float((codes - y).abs().max()) < 1
-        err = torch.linalg.vector_norm(fq.decode(codes) - want, dim=1)
-        assert bool((err < fq.gamma * math.sqrt(dim)).all())  # ||eps||_2 < gamma sqrt(d)
+    # one client never saturates: its bound is the sum's with n = 1, far below delta
+    assert bool((y.abs() < 127).all())
+    assert float((codes - y).abs().max()) < 1  # every code within one step, in R's frame
+    err = torch.linalg.vector_norm(fq.decode(codes) - want, dim=1)
+    assert bool((err < fq.gamma * math.sqrt(dim)).all())  # ||eps||_2 < gamma sqrt(d)
 
 
 def test_decode_of_encode_is_unbiased():
