@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--digits", action="store_true", help="digits instead of Fashion-MNIST")
     ap.add_argument("--no-secagg", action="store_true", help="only the runs in the clear")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run on digits")
+    ap.add_argument("--methods", default="none,qsgd-8bit,randk-10%-ef",
+                    help="comma-separated subset of the codecs ('none' is always run)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     if args.quick:
@@ -167,7 +169,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for agg in ("plain",) if args.no_secagg else ("plain", "secagg"):
+            wanted = {"none", *args.methods.split(",")}
             for name, codec in methods().items():
+                if name not in wanted:
+                    continue
                 extra = list(codec)
                 if agg == "secagg":
                     extra += secure
