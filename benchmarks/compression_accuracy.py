@@ -228,9 +228,9 @@ def main() -> None:
         "confide/field_quantisation.py); in the clear QSGD uses the per-vector norm. "
         f"Random-k under SecAgg: {args.randk_bits}-bit words. Ratios under SecAgg include "
         "SecAgg's key and share messages. Field sums wrapped on "
-        + ", ".join(f"{r['name']}: {r['field_wrapped']} coordinates (peak "
-                    f"{r['field_peak_max']:.2f} of the range)" for r in rows
-                    if r["field_peak_max"] is not None)
+        + (", ".join(f"{r['name']}: {r['field_wrapped']} coordinates (peak "
+                     f"{r['field_peak_max']:.2f} of the range)" for r in rows
+                     if r["field_peak_max"] is not None) or "no field run")
         + "; weights capped in any run: "
         + str(any(r["weights_capped"] for r in rows)) + ".",
         "Upload bytes: the history's bytes_up (the codec's payload in the clear; under SecAgg "
