@@ -206,6 +206,9 @@ def _field_inputs(config: Config, rows: list[ClientResult], server_round: int,
     width = limb_bits(bits=bits, num_clients=max(n, fq.num_clients))
     cap = config.secure_aggregation.max_weight
     weights = [min(int(r.num_examples), cap) if weighting == "examples" else 1 for r in rows]
+    if weighting == "examples" and any(int(r.num_examples) > cap for r in rows):
+        log.warning("client weights above secure_aggregation.max_weight = %d are capped "
+                    "(round %d)", cap, server_round)
     factors = torch.tensor([w / cap if weighting == "examples" else 1.0 for w in weights])
     x = torch.stack([r.update.reshape(-1).to(torch.float64) for r in rows])
     codes = fq.codes(x, client_ids=[r.client_id for r in rows], factors=factors)
