@@ -9,11 +9,16 @@ within 1.5), and the measured upload bytes (the history's ``bytes_up``: the code
 the clear, SecAgg's own messages with the masked words under it) relative to uncompressed
 float32 (acceptance: 4x and about 10x).
 
-Under secure aggregation QSGD's codes are summed *inside* the SecAgg field, which must hold
-``cohort * max_weight * s`` without wrapping (``s = 127`` levels at 8 bits, the weights being
-example counts capped at ``secure_aggregation.max_weight``): with a 20-client cohort and
-max_weight 1000 that is a 23-bit field, so 8-bit QSGD cannot give 4x there; the honest ratio
-is printed. Random-k runs the protocol over the k shared coordinates only.
+Under secure aggregation 8-bit QSGD is rotated stochastic quantisation into an 8-bit field
+(``compression.clip_norm`` set; ``confide.field_quantisation``, Kairouz et al. 2021 Sec. 4):
+each client clips its update to ``--qsgd-clip``, applies its weight ``w_i / max_weight``,
+rotates (randomised Hadamard), rounds to the step the overflow bound gives, and sends 8-bit
+words; the masked vector is exactly 4x smaller than float32, and SecAgg's key and share
+messages are counted on top. Random-k runs the protocol over the k shared coordinates only,
+its words packed at ``--randk-bits`` bits. Every SecAgg run uses ``--max-weight`` (no client
+of the job holds more examples, so the weights are those of the uncompressed runs; the
+results file records any capping). ``field_wrapped`` counts the coordinates whose sum left
+the 8-bit range (a simulation-only diagnostic: it needs the clients' codes).
 
 Writes ``benchmarks/results/compression_accuracy[-TAG].json`` and ``.md``::
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import tempfile
 import time
@@ -34,7 +40,6 @@ from typing import Any
 import torch
 
 from confide.app.simulate import run_simulation
-from confide.compression import field_bits_needed
 
 HERE = Path(__file__).resolve().parent
 
@@ -66,12 +71,31 @@ HISTORY_KEYS = ("round", "num_clients", "train_loss", "test_accuracy", "test_los
 ACCEPT = {"qsgd-8bit": (0.5, 4.0), "randk-10%-ef": (1.5, 10.0)}
 
 
-def methods(qsgd_scale: float) -> dict[str, list[str]]:
-    """The codecs compared (the SecAgg QSGD run uses ``qsgd_scale`` as its shared scale)."""
+class _Diagnostics(logging.Handler):
+    """Counts what the aggregator logs about the field sums and capped weights."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.peaks: list[float] = []
+        self.wrapped = 0
+        self.capped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:  # noqa: D102
+        msg = record.getMessage()
+        if msg.startswith("field sum:"):
+            parts = msg.split()
+            self.wrapped += int(parts[4])
+            self.peaks.append(float(parts[-4]))
+        elif "are capped" in msg:
+            self.capped += 1
+
+
+def methods() -> dict[str, list[str]]:
+    """The codecs compared."""
     return {
         "none": ["compression.method='none'"],
         "qsgd-8bit": ["compression.method='qsgd'", "compression.bits=8",
-                      "compression.error_feedback=false", f"compression.scale={qsgd_scale}"],
+                      "compression.error_feedback=false"],
         "randk-10%-ef": ["compression.method='randk'", "compression.ratio=0.1",
                          "compression.error_feedback=true"],
     }
@@ -79,8 +103,17 @@ def methods(qsgd_scale: float) -> dict[str, list[str]]:
 
 def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
     """One simulation; what the tables need from its history."""
+    diag = _Diagnostics()
+    logger = logging.getLogger("confide")
+    level = logger.level
+    logger.addHandler(diag)
+    logger.setLevel(logging.DEBUG)
     t0 = time.perf_counter()
-    _, history = run_simulation(None, overrides=overrides, output=out / name)
+    try:
+        _, history = run_simulation(None, overrides=overrides, output=out / name)
+    finally:
+        logger.removeHandler(diag)
+        logger.setLevel(level)
     evaluated = [r["test_accuracy"] for r in history if r.get("test_accuracy") is not None]
     uploads = sum(r["num_clients"] for r in history)
     return {"name": name, "overrides": overrides, "wall_s": round(time.perf_counter() - t0, 1),
@@ -90,6 +123,8 @@ def run(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
             "bytes_up": sum(r["bytes_up"] for r in history),
             "bytes_down": sum(r["bytes_down"] for r in history),
             "bytes_up_per_client": sum(r["bytes_up"] for r in history) / max(1, uploads),
+            "weights_capped": diag.capped > 0, "field_wrapped": diag.wrapped,
+            "field_peak_max": max(diag.peaks) if diag.peaks else None,
             "history": {k: [r.get(k) for r in history] for k in HISTORY_KEYS}}
 
 
@@ -111,13 +146,17 @@ def main() -> None:
                     help="random-k with error feedback needs many (digits: ~200 to catch up)")
     ap.add_argument("--cohort", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--qsgd-scale", type=float, default=0.05,
-                    help="QSGD's shared scale under SecAgg (coordinates clipped to it)")
-    ap.add_argument("--max-weight", type=int, default=1000,
+    ap.add_argument("--qsgd-clip", type=float, default=2.0,
+                    help="compression.clip_norm of QSGD under SecAgg (L2, per client)")
+    ap.add_argument("--max-weight", type=int, default=128,
                     help="secure_aggregation.max_weight (example counts are capped at it)")
+    ap.add_argument("--randk-bits", type=int, default=24,
+                    help="secure_aggregation.bits of random-k under SecAgg")
     ap.add_argument("--digits", action="store_true", help="digits instead of Fashion-MNIST")
     ap.add_argument("--no-secagg", action="store_true", help="only the runs in the clear")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run on digits")
+    ap.add_argument("--methods", default="none,qsgd-8bit,randk-10%-ef",
+                    help="comma-separated subset of the codecs ('none' is always run)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     if args.quick:
@@ -126,19 +165,21 @@ def main() -> None:
             f"simulation.executor='{args.executor}'", f"run.seed={args.seed}",
             f"run.rounds={args.rounds}", f"cohort.size={args.cohort}",
             f"run.eval_every={max(1, args.rounds // 20)}"]
-    qsgd_bits = field_bits_needed(levels=127 * args.max_weight, num_clients=args.cohort)
     secure = ["secure_aggregation.enabled=true", f"secure_aggregation.max_weight={args.max_weight}"]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for agg in ("plain",) if args.no_secagg else ("plain", "secagg"):
-            for name, codec in methods(args.qsgd_scale).items():
+            wanted = {"none", *args.methods.split(",")}
+            for name, codec in methods().items():
+                if name not in wanted:
+                    continue
                 extra = list(codec)
                 if agg == "secagg":
                     extra += secure
-                    if name == "qsgd-8bit":  # the smallest field the weighted codes fit
-                        extra.append(f"secure_aggregation.bits={qsgd_bits}")
-                elif name == "qsgd-8bit":  # in the clear: the paper's per-vector norm
-                    extra = [o for o in extra if not o.startswith("compression.scale")]
+                    if name == "qsgd-8bit":  # 8-bit words: the field is compression.bits
+                        extra.append(f"compression.clip_norm={args.qsgd_clip}")
+                    if name == "randk-10%-ef":
+                        extra.append(f"secure_aggregation.bits={args.randk_bits}")
                 res = run(f"{agg}-{name}", [*base, *extra], Path(tmp))
                 res.update(aggregation=agg, method=name)
                 rows.append(res)
@@ -157,8 +198,8 @@ def main() -> None:
             r["bytes_ok"] = r["upload_ratio_vs_float32"] >= 0.9 * want
     summary = {"dataset": "digits" if args.digits else "fashion-mnist", "rounds": args.rounds,
                "cohort": args.cohort, "device": args.device, "executor": args.executor,
-               "qsgd_scale_under_secagg": args.qsgd_scale, "max_weight": args.max_weight,
-               "qsgd_secagg_field_bits": qsgd_bits,
+               "qsgd_clip_norm_under_secagg": args.qsgd_clip, "max_weight": args.max_weight,
+               "randk_secagg_bits": args.randk_bits,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "host": platform.node(), "torch": torch.__version__, "runs": rows}
     suffix = "-quick" if args.quick else (f"-{args.tag}" if args.tag else "")
@@ -181,12 +222,17 @@ def main() -> None:
         "",
         "Acceptance (issue 14): QSGD within 0.5 points and 4x fewer upload bytes; random-k 10% "
         "with error feedback within 1.5 points and about 10x fewer.",
-        f"Under secure aggregation QSGD's codes are summed inside the SecAgg field, which must "
-        f"hold cohort x max_weight x 127 without wrapping: {qsgd_bits} bits here "
-        f"(cohort {args.cohort}, max_weight {args.max_weight}), so 8-bit QSGD cannot give 4x "
-        "under SecAgg; the ratio above is the honest one (it also pays SecAgg's key and share "
-        "messages). QSGD under SecAgg uses a shared scale "
-        f"{args.qsgd_scale} (coordinates clipped to it), in the clear the per-vector norm.",
+        "Under secure aggregation QSGD is rotated stochastic quantisation into an 8-bit field "
+        f"(masked words of 8 bits; clip norm {args.qsgd_clip}, weights w/{args.max_weight} "
+        "applied before quantising, step from the overflow bound 2^-20 per round; "
+        "confide/field_quantisation.py); in the clear QSGD uses the per-vector norm. "
+        f"Random-k under SecAgg: {args.randk_bits}-bit words. Ratios under SecAgg include "
+        "SecAgg's key and share messages. Field sums wrapped on "
+        + (", ".join(f"{r['name']}: {r['field_wrapped']} coordinates (peak "
+                     f"{r['field_peak_max']:.2f} of the range)" for r in rows
+                     if r["field_peak_max"] is not None) or "no field run")
+        + "; weights capped in any run: "
+        + str(any(r["weights_capped"] for r in rows)) + ".",
         "Upload bytes: the history's bytes_up (the codec's payload in the clear; under SecAgg "
         "every protocol message a client sends, the masked words included).",
         f"device {args.device}, executor {args.executor}, {summary['gpu'] or 'CPU'}, "

@@ -26,9 +26,10 @@ payloads: ``randk`` does (shared indices, the masked sum of the values is the su
 ``qsgd`` with a shared scale does (integer codes summed mod 2^b, see :meth:`UpdateCodec.to_field`,
 field condition ``num_clients * s <= 2^(b-1) - 1``). ``topk`` and ``sign`` cannot:
 :func:`check_secure_aggregation` refuses them with one line saying why. Under SecAgg what
-travels is the masked field words, ``b`` bits per coordinate, not the packed codes: QSGD saves
-bytes there only through a small field, ``b = field_bits_needed(levels=s, num_clients=n)``
-(e.g. an 8-bit field holds ``s = floor(127 / n)`` levels).
+travels is the masked field words, ``b`` bits per coordinate, not the packed codes. Summing
+weighted codes exactly needs a wide field (``n * max_weight * s``); with
+``compression.clip_norm`` set, QSGD is instead rotated into a ``bits``-wide field, 8-bit words
+for 8-bit QSGD, with a bounded overflow probability (:mod:`confide.field_quantisation`).
 
 Seeds come from the run's seed (:func:`confide.seeding.derive_seed`). Stochastic rounding draws
 its uniforms from a counter-based hash of (round seed, client id, coordinate), so a client's

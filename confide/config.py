@@ -276,6 +276,9 @@ class CompressionConfig:
     scale: float | None = _c(None, gt=0, help="qsgd: a shared scale instead of per-vector norms "
                              "(under secure aggregation, unset means "
                              "secure_aggregation.clipping_range)")
+    clip_norm: float | None = _c(None, gt=0, help="qsgd under secure aggregation: clip each "
+                                 "update to this L2 norm and quantise it, rotated, into a "
+                                 "compression.bits-wide field (8-bit words for 8-bit QSGD)")
 
 
 @dataclass(frozen=True)
@@ -421,6 +424,10 @@ def _check_compression_and_clock(config: Config) -> None:
     if not 0 < comp.ratio <= 1:  # also catches inf; NaN is refused when coerced
         raise ConfigError(
             f"compression.ratio = {comp.ratio!r} is out of range; it must be in (0, 1]")
+    if comp.clip_norm is not None and not (comp.method == "qsgd"
+                                           and config.secure_aggregation.enabled):
+        raise ConfigError("compression.clip_norm is for compression.method = 'qsgd' under "
+                          "secure aggregation (the field's scale follows from it); unset it")
     if config.secure_aggregation.enabled:
         check_compression_with_secure_aggregation(comp.method)
         if comp.method == "randk" and comp.ratio < 1 and config.strategy.name == "fedbuff":

@@ -119,10 +119,12 @@ def test_residual_kept_next_to_scaffold_state(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["randk", "qsgd"])
+@pytest.mark.parametrize("method", ["randk", "qsgd", "qsgd-field"])
 def test_secure_compressed_history_is_reproducible(tmp_path, method):
-    extra = ["run.rounds=2", "secure_aggregation.enabled=true", f"compression.method='{method}'",
-             "compression.scale=0.05"]
+    codec = (["compression.method='qsgd'", "compression.clip_norm=2.0",
+              "compression.error_feedback=false"] if method == "qsgd-field"
+             else [f"compression.method='{method}'", "compression.scale=0.05"])
+    extra = ["run.rounds=2", "secure_aggregation.enabled=true", *codec]
     a, ha = run_simulation(None, overrides=[*FAST, *extra], output=tmp_path / "a")
     b, _ = run_simulation(None, overrides=[*FAST, *extra], output=tmp_path / "b")
     assert (a / "history.json").read_text() == (b / "history.json").read_text()
@@ -279,3 +281,21 @@ def test_deployed_secure_aggregation_refuses_compression():
     cfg, _ = _secure("randk", n=5)
     with pytest.raises(ConfigError, match="simulation only"):
         DeployedSecureAggregator(cfg)
+
+
+def test_secure_randk_words_travel_at_the_field_width():
+    # the masked input is packed at secure_aggregation.bits: each of the k + 1 + meta words
+    # costs 3 bytes at 24 bits, 4 at 32; every other protocol message is the same size
+    n = 5
+    x = torch.randn(n, DIM)
+    sent = {}
+    for bits in (24, 32):
+        cfg, codec = _secure("randk", n=n, bits=bits)
+        secure = SecureAggregator(cfg)
+        secure.aggregate(_batch(codec, x, list(range(1, n + 1)), [1] * n, rnd=2),
+                         server_round=2, weighting="uniform")
+        report = secure.last_report
+        assert report is not None and report.vector_length == codec.kept(DIM) + 1 + 3
+        sent[bits] = report.bytes_sent
+    for cid, nbytes in sent[32].items():
+        assert nbytes - sent[24][cid] == codec.kept(DIM) + 1 + 3  # one byte less per word

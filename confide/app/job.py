@@ -18,6 +18,7 @@ from confide.client.compression import CompressionStage
 from confide.client.pipeline import ClientPipeline, UpdateStage
 from confide.compression import UpdateCodec
 from confide.config import Config
+from confide.field_quantisation import uses_field_quantisation
 from confide.models import build_model
 from confide.parameters import get_flat_params
 from confide.privacy import build_round_privacy
@@ -91,7 +92,8 @@ COMPRESSION_ORDER = ("after client-level clipping (clip_norm applied to update +
 
 
 def compression_stage(config: Config, *, privacy: RoundPrivacy, dim: int) -> UpdateStage | None:
-    """``[compression]``'s client stage (``None`` for ``method = "none"``).
+    """``[compression]``'s client stage (``None`` for ``method = "none"`` and for QSGD in the
+    secure-aggregation field, which each client's side of the protocol quantises).
 
     It goes last in the client pipeline: after client-level clipping and DP-SGD, before any
     secure-aggregation encoding (the aggregator's). Under client-level DP the ledger's
@@ -100,17 +102,23 @@ def compression_stage(config: Config, *, privacy: RoundPrivacy, dim: int) -> Upd
     comp = config.compression
     if comp.method == "none":
         return None
+    field = uses_field_quantisation(config)
+    ledger = getattr(privacy, "ledger", None)
+    if ledger is not None:
+        ledger.settings["compression"] = (
+            f"{comp.method} (ratio {comp.ratio}, bits {comp.bits}, "
+            f"error_feedback {comp.error_feedback}"
+            + (f", rotated into the SecAgg field, clip_norm {comp.clip_norm})" if field else ")"))
+        ledger.settings["compression_order"] = (
+            "after DP-SGD training (post-processing)" if config.privacy.mode == "dp-sgd"
+            else COMPRESSION_ORDER)
+    if field:
+        # QSGD in the secure-aggregation field is quantised by each client's side of the
+        # protocol, once its weight is known (confide.privacy.secagg.compressed)
+        return None
     codec = UpdateCodec.from_config(config)
     clip_norm = None
     if config.privacy.mode == "central":
         def clip_norm() -> float | None:  # the round's clip norm (adaptive clipping moves it)
             return float(privacy.clip_norm)  # type: ignore[attr-defined]
-    ledger = getattr(privacy, "ledger", None)
-    if ledger is not None:
-        ledger.settings["compression"] = (
-            f"{comp.method} (ratio {comp.ratio}, bits {comp.bits}, "
-            f"error_feedback {comp.error_feedback})")
-        ledger.settings["compression_order"] = (
-            "after DP-SGD training (post-processing)" if config.privacy.mode == "dp-sgd"
-            else COMPRESSION_ORDER)
     return CompressionStage(codec, dim=dim, clip_norm=clip_norm)

@@ -19,6 +19,8 @@ Modules, bottom up:
   -> bytes out) and :class:`SecAggServer` (coordinator side, one method per stage).
 * :mod:`~confide.privacy.secagg.transport` — :class:`MessagePath` and the in-process path;
   :func:`run_secure_aggregation` drives the stages over any path.
+* :mod:`~confide.privacy.secagg.compressed` — what enters the protocol under compression:
+  random-k's k shared coordinates, QSGD's weighted codes, or rotated QSGD in a narrow field.
 * :mod:`~confide.privacy.secagg.aggregator` — :class:`SecureAggregator`, the
   :class:`~confide.round.Aggregator` that ``secure_aggregation.enabled`` selects.
 

@@ -28,15 +28,22 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from confide.compression import UpdateCodec, check_field
+from confide.compression import UpdateCodec
 from confide.config import Config
 from confide.exceptions import ConfigError, PrivacyError, RoundFailedError
+from confide.privacy.secagg.compressed import (
+    ENCODED_INFO_KEY,
+    check_field_settings,
+    check_wide_qsgd_field,
+    compressed_inputs,
+    uses_field_quantisation,
+)
 from confide.privacy.secagg.graph import graph_parameters
 from confide.privacy.secagg.metadata import META_FIELDS, encode_meta, meta_scale
 from confide.privacy.secagg.primitives import mask_dtype
@@ -78,9 +85,6 @@ def _report_clipping(quantiser: Quantiser, contributions: Iterable[Contribution]
 
 #: stages a simulated client can leave the protocol after (it answers, then goes silent)
 PROTOCOL_DROPOUT_STAGES = STAGES[:-1]
-#: ``ClientResult.info`` key set by a client stage that already encoded its update into
-#: Z_{2^b} (distributed DP); its value is the bit width b
-ENCODED_INFO_KEY = "secagg_encoded_bits"
 
 INSECURE_WARNING = (
     "secure_aggregation.skip_pairwise_masks = true: NOT SECURE. Secure aggregation runs "
@@ -167,9 +171,16 @@ class SecureAggregator(Aggregator):
             raise ConfigError("compression with secure aggregation runs in simulation only: "
                               "the deployed clients' SecAgg stage masks the dense update; "
                               "set compression.method = 'none' for a deployment")
+        #: QSGD in a compression.bits-wide field (confide.field_quantisation): the whole
+        #: protocol runs at that width, and the metadata travels as limbs inside the input
+        self.field_mode = uses_field_quantisation(config)
         if self.codec is not None and self.codec.method == "qsgd":
             self.input_mode = INPUT_INTEGERS
-            self._check_qsgd_field(expected)
+            if self.field_mode:
+                check_field_settings(config)
+                self.settings = sa = dataclasses.replace(sa, bits=config.compression.bits)
+            else:
+                check_wide_qsgd_field(self.codec, sa, expected)
         if self.input_mode == INPUT_FLOATS:
             check_capacity(cohort_size=expected, bits=sa.bits, max_weight=sa.max_weight)
         if expected >= 3:  # fails early on impossible rates
@@ -235,7 +246,10 @@ class SecureAggregator(Aggregator):
         else:  # a deployment's replies, one ClientResult per client
             results = batch
         results = sorted(results, key=lambda r: r.client_id)
-        results, expand = self._compressed_inputs(results, server_round, weighting)
+        results, expand = compressed_inputs(self.codec, self.config, results,
+                                            server_round=server_round, weighting=weighting,
+                                            bits=self.settings.bits)
+        meta_len = 0 if self.field_mode else len(META_FIELDS)
         first = results[0].update
         dim = int(first.numel())
         aux_names = sorted(results[0].aux)
@@ -258,7 +272,7 @@ class SecureAggregator(Aggregator):
             if aux_names:
                 raise PrivacyError("distributed DP does not privatise auxiliary vectors "
                                    f"({', '.join(aux_names)}); choose a strategy without them")
-            vector_length = dim + 1 + len(META_FIELDS)
+            vector_length = dim + 1 + meta_len
             quantiser = None
         else:
             quantiser = Quantiser(bits=bits, clipping_range=self.settings.clipping_range,
@@ -304,12 +318,15 @@ class SecureAggregator(Aggregator):
         log.info("secure aggregation, round %d: %d of %d clients summed (degree %d, threshold "
                  "%d, %d bits)%s", server_round, len(report.included), n, degree, threshold, bits,
                  " WITHOUT MASKS (insecure)" if report.insecure else "")
-        meta_words = words[-len(META_FIELDS):]
-        report.metadata = self._decode_meta(meta_words, n)
+        if meta_len:
+            report.metadata = self._decode_meta(words[-meta_len:], n)
+        aggregate, field_meta = expand(self._decode(words[:len(words) - meta_len],
+                                                    report.included, first, dim, aux_names,
+                                                    quantiser))
+        report.metadata.update(field_meta)  # field QSGD: the metadata came as limbs
         if self.metadata_from_sum and isinstance(batch, ResultBatch):
             self._publish_metadata(batch, report)
-        return expand(self._decode(words[:-len(META_FIELDS)], report.included, first, dim,
-                                   aux_names, quantiser)).to(device)
+        return aggregate.to(device)
 
     def vector_length(self, dim: int, num_aux: int, n: int) -> int:
         """Words each client masks: its encoded update, weight, aux vectors and metadata."""
@@ -342,6 +359,9 @@ class SecureAggregator(Aggregator):
                 raise PrivacyError(
                     f"client {r.client_id}'s update was not encoded for a {self.settings.bits}"
                     f"-bit secure sum (privacy.mode = 'distributed' encodes it; got {bits!r})")
+            if self.field_mode:  # weight and metadata are limbs inside the update
+                return Contribution(update=r.update.detach().cpu().numpy().astype(np.int64),
+                                    weight=0, meta=())
             return Contribution(update=r.update.detach().cpu().numpy().astype(np.int64),
                                 weight=1, meta=self._meta(r))
         weight = float(r.num_examples) if weighting == "examples" else 1.0
@@ -421,7 +441,8 @@ class SecureAggregator(Aggregator):
                 words = np.empty(report.vector_length, dtype=acc.dtype)
                 words[:c.update.size] = np.mod(c.update, 1 << bits)
                 words[c.update.size] = c.weight
-                words[c.update.size + 1:] = meta()
+                if c.meta:
+                    words[c.update.size + 1:] = meta()
             else:
                 update = quantiser.encode(c.update, c.weight, list(c.aux), rngs[cid])
                 words = np.concatenate([update, quantiser.embed(meta())])
@@ -450,95 +471,3 @@ class SecureAggregator(Aggregator):
             aux_sum={k: torch.from_numpy(v).reshape(shape).to(first.dtype)
                      for k, v in zip(aux_names, aux_sums, strict=True)},
             client_ids=list(included))
-
-    # ------------------------------------------------------------------ compression
-    def _qsgd_weight_bound(self) -> int:
-        """The largest integer weight a QSGD client multiplies its codes by."""
-        return self.settings.max_weight
-
-    def _check_qsgd_field(self, n: int) -> None:
-        """QSGD's weighted codes ``w_i * c_i`` (``|c_i| <= s``, ``w_i <= max_weight``) of ``n``
-        clients must sum without wrapping Z_2^b; a one-line ConfigError names the bits needed.
-        """
-        if self.codec is None:
-            return
-        if self.settings.bits > 53:  # the decoded words pass through float64
-            raise ConfigError(f"secure_aggregation.bits = {self.settings.bits}: QSGD under "
-                              "secure aggregation sums at most 53-bit words; lower it")
-        try:
-            check_field(levels=self.codec.levels * self._qsgd_weight_bound(), num_clients=n,
-                        field_bits=self.settings.bits)
-        except ConfigError:
-            raise ConfigError(
-                f"secure_aggregation.bits = {self.settings.bits} is too small for QSGD under "
-                f"secure aggregation: {n} clients' codes (up to {self.codec.levels} levels) "
-                f"times their weights (up to {self._qsgd_weight_bound()}) could wrap around "
-                f"Z_2^{self.settings.bits}; raise secure_aggregation.bits, or lower "
-                "compression.bits or secure_aggregation.max_weight") from None
-
-    def _compressed_inputs(self, results: Sequence[ClientResult], server_round: int,
-                           weighting: str) -> tuple[list[ClientResult],
-                                                    Callable[[Aggregate], Aggregate]]:
-        """The protocol's inputs under compression, and how to read the decoded aggregate.
-
-        ``randk``: every client kept the same coordinates (the round's shared seed), so only
-        those k values enter the protocol, the masks cancel on that common support, and the
-        decoded sum is densified (zeros elsewhere, exactly what the clients' sum is there).
-        ``qsgd``: each row is a decoded payload ``c_i * scale / s``; its integer codes ``c_i``
-        are recovered exactly (``|c_i| <= 2^15``, float32 relative error 2^-24), weighted by
-        the client's integer weight, and summed in Z_2^b with the weight as one more
-        coordinate; the centred lift of the sum is exact under :meth:`_check_qsgd_field`.
-        """
-        codec = self.codec
-        rows = list(results)
-        if codec is None or not rows:
-            return rows, lambda a: a
-        full = int(rows[0].update.numel())
-        cdim = int(rows[0].info.get("compression_dim", full))
-        if codec.method == "randk":
-            chosen = sorted({int(r.info.get("compression_round", server_round)) for r in rows})
-            supports = [codec.shared_indices(cdim, server_round=c) for c in chosen]
-            if any(not torch.equal(supports[0], other) for other in supports[1:]):
-                # e.g. a FedBuff buffer of clients that started in different rounds
-                raise RoundFailedError(
-                    f"round {server_round}: random-k payloads from rounds {chosen} keep "
-                    "different coordinates; secure aggregation needs one shared support")
-            idx = supports[0]
-            kept = [dataclasses.replace(r, update=torch.cat(
-                [r.update.reshape(-1)[idx], r.update.reshape(-1)[cdim:]])) for r in rows]
-
-            def densify(a: Aggregate) -> Aggregate:
-                short = a.update_sum.reshape(-1)
-                dense = torch.zeros(full, dtype=short.dtype)
-                dense[idx] = short[: idx.numel()]
-                dense[cdim:] = short[idx.numel():]
-                return dataclasses.replace(a, update_sum=dense)
-
-            return kept, densify
-        # qsgd (topk and sign are refused in config: their payloads do not add up)
-        if cdim != full or rows[0].aux:
-            raise ConfigError("QSGD under secure aggregation sums integer codes only; "
-                              "auxiliary vectors or extra coordinates (adaptive clipping, "
-                              "SCAFFOLD) cannot join that sum; choose compression 'randk'")
-        self._check_qsgd_field(len(rows))
-        scale, s, bits = float(codec.scale or 0.0), codec.levels, self.settings.bits
-        encoded = []
-        for r in rows:
-            codes = torch.round(r.update.reshape(-1).double() * (s / scale)).to(torch.int64)
-            if bool((codes.abs() > s).any()):
-                raise PrivacyError(f"client {r.client_id}'s update is not a QSGD payload of "
-                                   f"{s} levels at scale {scale}")
-            w = min(int(r.num_examples), self._qsgd_weight_bound()) \
-                if weighting == "examples" else 1
-            encoded.append(dataclasses.replace(
-                r, update=torch.cat([codes * w, torch.tensor([w])]),
-                info={**r.info, ENCODED_INFO_KEY: bits}))
-
-        def dequantise(a: Aggregate) -> Aggregate:
-            raw = a.update_sum.to(torch.int64).numpy()  # the modular sum, words < 2^b
-            signed = torch.from_numpy(centred_lift(raw, bits))
-            update_sum = signed[:-1].to(torch.float64) * (scale / s)
-            return dataclasses.replace(a, update_sum=update_sum.to(torch.float32),
-                                       weight_sum=float(signed[-1]))
-
-        return encoded, dequantise
