@@ -153,6 +153,10 @@ def main() -> None:
     ap.add_argument("--randk-bits", type=int, default=24,
                     help="secure_aggregation.bits of random-k under SecAgg")
     ap.add_argument("--digits", action="store_true", help="digits instead of Fashion-MNIST")
+    ap.add_argument("--hidden-units", type=int, default=None,
+                    help="model.hidden_units of the digits MLP (SecAgg's key and share messages "
+                         "are a fixed ~1.8 KB per client and round, so their share of the upload "
+                         "shrinks as the model grows)")
     ap.add_argument("--no-secagg", action="store_true", help="only the runs in the clear")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run on digits")
     ap.add_argument("--methods", default="none,qsgd-8bit,randk-10%-ef",
@@ -165,6 +169,10 @@ def main() -> None:
             f"simulation.executor='{args.executor}'", f"run.seed={args.seed}",
             f"run.rounds={args.rounds}", f"cohort.size={args.cohort}",
             f"run.eval_every={max(1, args.rounds // 20)}"]
+    if args.hidden_units is not None:
+        if not args.digits:
+            ap.error("--hidden-units applies to the digits MLP only")
+        base.append(f"model.hidden_units={args.hidden_units}")
     secure = ["secure_aggregation.enabled=true", f"secure_aggregation.max_weight={args.max_weight}"]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,11 +203,13 @@ def main() -> None:
         if r["method"] in ACCEPT:
             max_loss, want = ACCEPT[r["method"]]
             r["accuracy_ok"] = r["accuracy_diff_points"] >= -max_loss
-            r["bytes_ok"] = r["upload_ratio_vs_float32"] >= 0.9 * want
+            # QSGD: 4x (8-bit words; SecAgg's fixed key and share messages may take up to 1%);
+            # random-k: "about" 10x
+            r["bytes_ok"] = r["upload_ratio_vs_float32"] >= (0.99 if want == 4.0 else 0.9) * want
     summary = {"dataset": "digits" if args.digits else "fashion-mnist", "rounds": args.rounds,
                "cohort": args.cohort, "device": args.device, "executor": args.executor,
                "qsgd_clip_norm_under_secagg": args.qsgd_clip, "max_weight": args.max_weight,
-               "randk_secagg_bits": args.randk_bits,
+               "randk_secagg_bits": args.randk_bits, "hidden_units": args.hidden_units,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "host": platform.node(), "torch": torch.__version__, "runs": rows}
     suffix = "-quick" if args.quick else (f"-{args.tag}" if args.tag else "")
