@@ -17,6 +17,7 @@ from torch import nn
 from confide.exceptions import ClientDropped
 from confide.parameters import flat_layout, get_flat_params, set_flat_params
 from confide.round import TrainSettings
+from confide.shuffle import epoch_orders
 from confide.strategies.base import ClientRule
 
 __all__ = ["TrainSettings", "FitOutput", "LocalOptimizer", "LocalTrainer", "evaluate_model"]
@@ -127,8 +128,9 @@ class LocalTrainer:
         set_flat_params(self.model, global_params)
         self.model.train()
         opt = LocalOptimizer([p for p, _ in self._slices], settings)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
         n = len(y)
+        # the same counter-based orders the vectorized executor computes for a whole cohort
+        orders = epoch_orders(torch.tensor([seed]), torch.tensor([n]), settings.epochs, n)[0]
         correction = (rule.gradient_correction.to(self.device)
                       if rule.gradient_correction is not None else None)
         steps = 0
@@ -138,7 +140,7 @@ class LocalTrainer:
         for _epoch in range(settings.epochs):
             if self.on_epoch is not None:
                 self.on_epoch(_epoch + 1, settings.epochs)
-            order = torch.randperm(n, generator=gen).to(self.device)
+            order = orders[_epoch].to(self.device)
             for start in range(0, n, settings.batch_size):
                 if drop_after_steps is not None and steps >= drop_after_steps:
                     raise ClientDropped("client left mid-round (fault injection)")

@@ -1,10 +1,12 @@
 """The schedule of a cohort's local training: who trains what, in which batches, on which rank.
 
-* **Same batches as ``LocalTrainer.fit``.** Each client's batch order comes from
-  ``torch.randperm`` with a CPU generator seeded by the task's seed, one permutation per
-  epoch, the last partial batch kept; DP-SGD's Poisson batches come from Opacus's own
-  ``DPDataLoader``, seeded as ``DPSGDTrainer.fit`` seeds it. All batch indices of a chunk are
-  built at once and moved to the device in one copy; the data stays on the device.
+* **Same batches as ``LocalTrainer.fit``.** Each client's batch order is
+  :func:`confide.shuffle.epoch_orders` of the task's seed (counter-based: the whole chunk's
+  permutations in one call, on the device), one permutation per epoch, the last partial batch
+  kept; the chunk's batch indices are built on the device from the partitions, which live
+  there (:class:`PartitionTable`): no per-client host work and no copy. DP-SGD's Poisson
+  batches come from Opacus's own ``DPDataLoader``, seeded as ``DPSGDTrainer.fit`` seeds it,
+  on the host, moved in one copy.
 * **Unequal dataset sizes by masking and bucketing, never by dropping samples.** A client's
   batch is padded to the chunk's batch width with per-sample weights of 0, and the others carry
   ``1 / (real batch size)``; clients are sorted by their number of local steps, so a client
@@ -21,10 +23,11 @@ import numpy as np
 import torch
 
 from confide.client.trainer import TrainSettings
+from confide.shuffle import epoch_orders
 
 __all__ = ["Job", "num_local_steps", "client_batches", "dp_sgd_steps_per_epoch",
-           "dp_sgd_batches", "ChunkSchedule", "chunk_schedule", "training_order",
-           "shard_jobs"]
+           "dp_sgd_batches", "PartitionTable", "ChunkSchedule", "chunk_schedule",
+           "training_order", "shard_jobs"]
 
 
 @dataclass(frozen=True)
@@ -50,21 +53,19 @@ def num_local_steps(num_samples: int, settings: TrainSettings) -> int:
 def client_batches(part: np.ndarray, seed: int, settings: TrainSettings) -> np.ndarray:
     """A client's batches as global sample indices, ``[steps, width]``, padded with -1.
 
-    The order is ``LocalTrainer.fit``'s: ``torch.randperm`` from a CPU generator seeded with
-    ``seed``, one permutation per epoch, consecutive slices of ``batch_size``, the last one
-    partial.
+    The order is ``LocalTrainer.fit``'s: :func:`~confide.shuffle.epoch_orders` of ``seed``,
+    one permutation per epoch, consecutive slices of ``batch_size``, the last one partial.
     """
     n = len(part)
     if n == 0:
         return np.empty((0, 0), dtype=np.int64)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    orders = epoch_orders(torch.tensor([seed]), torch.tensor([n]), settings.epochs, n)[0]
     per_epoch = math.ceil(n / settings.batch_size)
     width = min(settings.batch_size, n)
     rows = np.full((settings.epochs * per_epoch, width), -1, dtype=np.int64)
     flat = np.full(per_epoch * width, -1, dtype=np.int64)
     for epoch in range(settings.epochs):
-        order = torch.randperm(n, generator=gen).numpy()
-        flat[:n] = part[order]
+        flat[:n] = part[orders[epoch].numpy()]
         rows[epoch * per_epoch:(epoch + 1) * per_epoch] = flat.reshape(per_epoch, width)
     return rows
 
@@ -104,6 +105,24 @@ def dp_sgd_batches(part: np.ndarray, seed: int, settings: TrainSettings) -> np.n
     return rows
 
 
+class PartitionTable:
+    """The clients' partitions as one padded ``[clients, max size]`` index table on a device.
+
+    Built once per trainer (the data already lives on the device); a chunk's batches are
+    gathered from it on the device. ``parts`` keeps the host arrays (DP-SGD's sampler, sizes).
+    """
+
+    def __init__(self, partitions: Sequence[np.ndarray], device: torch.device) -> None:
+        self.parts = [np.asarray(p, dtype=np.int64) for p in partitions]
+        self.sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
+        width = int(self.sizes.max(initial=0))
+        table = np.zeros((len(self.parts), max(width, 1)), dtype=np.int64)
+        for i, p in enumerate(self.parts):
+            table[i, :len(p)] = p
+        self.device = device
+        self.table = torch.from_numpy(table).to(device)
+
+
 @dataclass
 class ChunkSchedule:
     """A chunk's batches: indices, per-sample weights, real batch sizes, active prefix."""
@@ -115,15 +134,59 @@ class ChunkSchedule:
     uniform: bool  # every client active at every step, no padding
 
 
-def chunk_schedule(jobs: Sequence[Job], partitions: Sequence[np.ndarray],
-                   settings: TrainSettings, device: torch.device, dtype: torch.dtype, *,
+def chunk_schedule(jobs: Sequence[Job], partitions: PartitionTable, settings: TrainSettings,
+                   device: torch.device, dtype: torch.dtype, *,
                    dp_sgd: bool = False) -> ChunkSchedule:
-    """A chunk's batches, padded to one width and moved to ``device`` in one copy each."""
+    """A chunk's batches on ``device``: built there (plain), or moved in one copy (DP-SGD)."""
     if dp_sgd:
-        index, lengths = _stacked([dp_sgd_batches(np.asarray(partitions[j.client_id]), j.seed,
-                                                  settings) for j in jobs])
-    else:
-        index, lengths = _plain_index(jobs, partitions, settings)
+        return _host_schedule(jobs, partitions, settings, device, dtype)
+    bs, epochs = settings.batch_size, settings.epochs
+    ids = np.array([j.client_id for j in jobs], dtype=np.int64)
+    sizes = partitions.sizes[ids] if len(ids) else np.zeros(0, dtype=np.int64)
+    per_epoch = -(-sizes // bs)
+    lengths = epochs * per_epoch
+    steps = int(lengths.max(initial=0))
+    width = min(bs, int(sizes.max(initial=0)))
+    active = [int((lengths > s).sum()) for s in range(steps)]
+    uniform = bool(len(ids) and (lengths == steps).all() and (sizes == per_epoch * width).all())
+    c, n_max = len(ids), int(sizes.max(initial=0))
+    if c == 0 or steps == 0:
+        zeros = torch.zeros((c, steps, width), device=device)
+        return ChunkSchedule(zeros.to(torch.int64), zeros.to(dtype),
+                             torch.zeros((c, steps), dtype=torch.float64, device=device),
+                             active, uniform)
+    host = np.stack([ids, np.array([j.seed for j in jobs], dtype=np.int64), sizes,
+                     per_epoch])
+    ids_d, seeds_d, sizes_d, pe_d = _to_device(host, device)
+    orders = epoch_orders(seeds_d, sizes_d, epochs, n_max)  # [C, E, n_max]
+    sample = partitions.table[ids_d[:, None, None], orders]  # orders < n_max <= table width
+    # epoch e of client i fills flat positions e * per_epoch_i * width + j, j < size_i
+    j = torch.arange(n_max, device=device)[None, None, :]
+    e = torch.arange(epochs, device=device)[None, :, None]
+    pos = e * (pe_d[:, None, None] * width) + j
+    dump = steps * width
+    pos = torch.where(j < sizes_d[:, None, None], pos, dump)
+    flat = torch.full((c, dump + 1), -1, dtype=torch.int64, device=device)
+    flat.scatter_(1, pos.reshape(c, -1), sample.reshape(c, -1))
+    index = flat[:, :dump].reshape(c, steps, width)
+    mask = index >= 0
+    count = mask.sum(-1)
+    weight = mask.to(dtype) / count.clamp_min(1)[..., None].to(dtype)
+    return ChunkSchedule(index.clamp_min(0), weight, count.to(torch.float64), active, uniform)
+
+
+def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on ``device`` without a host synchronisation (pinned, async)."""
+    t = torch.from_numpy(np.ascontiguousarray(host))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
+        else t.to(device)
+
+
+def _host_schedule(jobs: Sequence[Job], partitions: PartitionTable, settings: TrainSettings,
+                   device: torch.device, dtype: torch.dtype) -> ChunkSchedule:
+    """DP-SGD's chunk schedule: Opacus's Poisson batches drawn on the host, one copy each."""
+    index, lengths = _stacked([dp_sgd_batches(partitions.parts[j.client_id], j.seed, settings)
+                               for j in jobs])
     steps = index.shape[1]
     mask = index >= 0
     count = mask.sum(-1)
@@ -131,14 +194,8 @@ def chunk_schedule(jobs: Sequence[Job], partitions: Sequence[np.ndarray],
     index[~mask] = 0
     active = [int((lengths > s).sum()) for s in range(steps)]
     uniform = bool(mask.all())
-    pin = device.type == "cuda"
-
-    def move(a: np.ndarray, dt: torch.dtype) -> torch.Tensor:
-        t = torch.from_numpy(a).to(dt)
-        return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
-
-    return ChunkSchedule(move(index, torch.int64), move(weight, dtype),
-                         move(count.astype(np.float64), torch.float64), active, uniform)
+    return ChunkSchedule(_to_device(index, device), _to_device(weight, device).to(dtype),
+                         _to_device(count.astype(np.float64), device), active, uniform)
 
 
 def _stacked(per_client: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -149,35 +206,6 @@ def _stacked(per_client: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     for i, b in enumerate(per_client):
         index[i, : b.shape[0], : b.shape[1]] = b
     return index, np.array([b.shape[0] for b in per_client], dtype=np.int64)
-
-
-def _plain_index(jobs: Sequence[Job], partitions: Sequence[np.ndarray],
-                 settings: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`client_batches` of every job, written straight into one ``[C, S, B]`` array.
-
-    The same permutations (one generator, reseeded per client: the state of a fresh
-    generator with that seed) without a per-client array: the host work of a chunk's
-    schedule is one ``randperm`` and one gather per client and epoch.
-    """
-    bs, epochs = settings.batch_size, settings.epochs
-    sizes = [len(partitions[j.client_id]) for j in jobs]
-    lengths = np.array([epochs * math.ceil(n / bs) for n in sizes], dtype=np.int64)
-    steps = int(lengths.max(initial=0))
-    width = min(bs, max(sizes, default=0))
-    index = np.full((len(jobs), steps, width), -1, dtype=np.int64)
-    gen = torch.Generator(device="cpu")
-    for i, (job, n) in enumerate(zip(jobs, sizes, strict=True)):
-        if n == 0:
-            continue
-        part = np.asarray(partitions[job.client_id])
-        gen.manual_seed(job.seed)
-        per_epoch = math.ceil(n / bs)
-        for epoch in range(epochs):
-            # batch k of the epoch is row k: consecutive slices of batch_size (width is
-            # batch_size whenever a client has more than one batch per epoch)
-            rows = index[i, epoch * per_epoch:(epoch + 1) * per_epoch].reshape(-1)
-            rows[:n] = part[torch.randperm(n, generator=gen).numpy()]
-    return index, lengths
 
 
 def training_order(jobs: Sequence[Job]) -> list[int]:

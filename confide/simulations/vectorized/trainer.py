@@ -37,6 +37,7 @@ from confide.simulations.vectorized.options import VectorizedOptions, autocast
 from confide.simulations.vectorized.schedule import (
     ChunkSchedule,
     Job,
+    PartitionTable,
     chunk_schedule,
     training_order,
 )
@@ -98,7 +99,7 @@ class CohortTrainer:
         self.dp_sgd = dp_sgd
         self.x = x_train
         self.y = y_train
-        self.partitions = partitions
+        self.partitions = PartitionTable(partitions, device)
         self.layout = layout
         self.options = options
         model = model.to(device)
@@ -430,7 +431,7 @@ class CohortTrainer:
         item = torch.finfo(self.dtype).bits // 8
         n_opt = 2 if settings.optimizer == "adam" else (1 if settings.momentum else 0)
         trained = self.layout.trainable_numel
-        width = min(settings.batch_size, max((len(p) for p in self.partitions), default=1))
+        width = min(settings.batch_size, int(self.partitions.sizes.max(initial=1)))
         # weights, gradient, temporaries, optimizer state; the update row; activations saved
         # for backward and their gradients; the batch itself
         weights = trained * item * (3 + n_opt) + self.layout.size * item
