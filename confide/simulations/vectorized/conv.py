@@ -27,13 +27,15 @@ __all__ = ["UnfoldConv2d", "lowerable", "lower_convolutions", "conv_lowering_cos
 def _conv2d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     stride: tuple[int, int], padding: tuple[int, int],
                     dilation: tuple[int, int]) -> torch.Tensor:
-    """conv2d as unfold + one GEMM over the whole batch (vmap makes it a batched matmul).
+    """conv2d as unfold + a GEMM per sample (vmap makes it one batched matmul).
 
     Under ``vmap`` over clients, ``F.conv2d`` with per-client weights becomes one grouped
     convolution with ``groups = clients``, which cuDNN runs slowly for few channels per group
-    (measured on an H100: 1.7 TFLOP/s for LEAF's first conv). Here each client's convolution is
-    one GEMM ``[C_out, C_in k k] @ [C_in k k, B L]`` over its unfolded batch; the weight
-    gradient is one GEMM with the long ``B L`` inner dimension.
+    (measured on an H100: 1.7 TFLOP/s for LEAF's first conv). Here each sample's convolution
+    is ``[C_out, C_in k k] @ [C_in k k, L]`` over its unfolded input, the weight broadcast over
+    the batch: the output is written in place as NCHW (no transpose copy of the activations,
+    as a ``[C_out, B L]`` GEMM would need), and the weight gradient is a batched GEMM summed
+    over the batch. For a first layer the input needs no gradient, so there is no ``fold``.
     """
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -41,13 +43,12 @@ def _conv2d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     b, _, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
-    k, length = cols.shape[1], cols.shape[2]
-    out = weight.reshape(c_out, k) @ cols.transpose(0, 1).reshape(k, b * length)
+    out = torch.matmul(weight.reshape(c_out, cols.shape[1]), cols)  # [B, C_out, L]
     if bias is not None:
         out = out + bias.to(out.dtype)[:, None]
     h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return out.reshape(c_out, b, h_out, w_out).transpose(0, 1)
+    return out.reshape(b, c_out, h_out, w_out)
 
 
 class UnfoldConv2d(nn.Conv2d):
@@ -85,18 +86,22 @@ def lower_convolutions(model: nn.Module, names: Sequence[str]) -> nn.Module:
     return model
 
 
-def _conv_inputs(model: nn.Module, sample: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """The input shape (one sample) of every lowerable Conv2d, from one forward pass."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def _conv_inputs(model: nn.Module, sample: torch.Tensor
+                 ) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """The input shape (one sample) of every lowerable Conv2d, from one forward pass, and
+    whether that input is the model's own (then training needs no gradient for it).
+    """
+    shapes: dict[str, tuple[tuple[int, ...], bool]] = {}
     hooks = []
     for name, module in model.named_modules():
         if lowerable(module):
             def hook(_m: nn.Module, args: tuple, _out: Any, name: str = name) -> None:
-                shapes[name] = tuple(args[0].shape[1:])
+                # with grad enabled, an input that needs no gradient depends on no weight
+                shapes[name] = (tuple(args[0].shape[1:]), not args[0].requires_grad)
             hooks.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
-            model(sample)
+        with torch.enable_grad():
+            model(sample.detach())
     finally:
         for h in hooks:
             h.remove()
@@ -124,14 +129,17 @@ def conv_lowering_costs(model: nn.Module, sample: torch.Tensor, *, clients: int,
     """
     device = sample.device
     rows = []
-    for name, in_shape in _conv_inputs(model, sample[:1]).items():
+    for name, (in_shape, is_input) in _conv_inputs(model, sample[:1]).items():
         conv = model.get_submodule(name)
         if not isinstance(conv, nn.Conv2d):  # pragma: no cover - _conv_inputs finds Conv2d
             continue
         x = torch.randn(clients, batch, *in_shape, device=device, dtype=sample.dtype)
         weights = {k: v.detach().expand(clients, *v.shape).clone()
                    for k, v in conv.named_parameters()}
-        timings = {label: _time_vmapped(module, weights, x, mixed_precision, repeats)
+        # a later layer's input depends on the weights before it: its gradient (``fold`` for
+        # unfold + GEMM) is part of training's cost
+        timings = {label: _time_vmapped(module, weights, x, mixed_precision, repeats,
+                                        input_grad=not is_input)
                    for label, module in (("grouped", conv), ("unfold", _as_unfold(conv)))}
         out_numel = math.prod(conv(x[0, :1]).shape[1:])
         flops = 3 * 2 * clients * batch * out_numel * conv.in_channels * math.prod(
@@ -143,7 +151,7 @@ def conv_lowering_costs(model: nn.Module, sample: torch.Tensor, *, clients: int,
 
 
 def _time_vmapped(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                  mixed_precision: str, repeats: int) -> float:
+                  mixed_precision: str, repeats: int, *, input_grad: bool = False) -> float:
     """Seconds of one vmapped forward + backward of ``module`` (NaN when out of memory)."""
     device = x.device
 
@@ -151,7 +159,7 @@ def _time_vmapped(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.
         with autocast(device, mixed_precision):
             return functional_call(module, p, (xb,)).float().square().mean()
 
-    step = vmap(grad(loss))
+    step = vmap(grad(loss, argnums=(0, 1) if input_grad else 0))
     try:
         return _time_cuda(lambda: step(weights, x), device, repeats)
     except torch.cuda.OutOfMemoryError:
