@@ -345,7 +345,9 @@ class Coordinator:
             return {"bytes_up": int(sum(report.bytes_sent.values())),
                     "bytes_down": down + int(sum(report.bytes_received.values()))}
         aux = 4 * sum(int(v.shape[1]) for v in batch.aux.values())
-        up = sum(int(info.get("bytes_up", 4 * batch.dim)) + aux for info in batch.info)
+        plain = 4 * batch.dim  # float32 update of a client whose stages report no size
+        up = len(batch.info) * aux + sum(int(info["bytes_up"]) if "bytes_up" in info else plain
+                                         for info in batch.info)
         return {"bytes_up": up, "bytes_down": down}
 
     def checkpoint_state(self) -> dict[str, Any]:

@@ -248,9 +248,12 @@ class VectorizedExecutor(SimulationExecutor):
               ) -> tuple[list[_Plan], dict[int, str], list[int]]:
         """Group the tasks by settings and global weights; find dropouts and leftovers."""
         ctx = self.context
-        plans: dict[tuple[TrainSettings, int], _Plan] = {}
+        plans: dict[tuple[int, int], _Plan] = {}
         failures: dict[int, str] = {}
         leftovers: list[int] = []
+        # the cohort's tasks share a settings object: hash each distinct object once
+        canon: dict[int, int] = {}  # id(settings) -> id of the first equal settings
+        by_value: dict[TrainSettings, int] = {}
         for slot, task in enumerate(tasks):
             n = len(ctx.partitions[task.client_id])
             steps = num_local_steps(n, task.settings)
@@ -269,8 +272,14 @@ class VectorizedExecutor(SimulationExecutor):
                 leftovers.append(slot)
                 continue
             rule = ctx.strategy.client_rule(task.instructions, task.client_state)
-            plan = plans.setdefault((task.settings, id(task.global_params)),
-                                    _Plan(task.settings, task.global_params))
+            sid = canon.get(id(task.settings))
+            if sid is None:
+                sid = canon[id(task.settings)] = by_value.setdefault(task.settings,
+                                                                     id(task.settings))
+            key = (sid, id(task.global_params))
+            plan = plans.get(key)
+            if plan is None:
+                plan = plans[key] = _Plan(task.settings, task.global_params)
             correction = rule.gradient_correction
             plan.jobs.append(Job(slot=slot, client_id=task.client_id, seed=task.seed,
                                  num_samples=n, num_steps=steps,
