@@ -76,13 +76,18 @@ def finish_cohort(tasks: Sequence[ClientTask], updates: torch.Tensor, *,
         num_steps=list(num_steps), lr=settings.lr, momentum=momentum)
     if aux or strategy.aux_names:
         check_aux_values(strategy, aux, dim=int(updates.shape[1]), batched=True)
-    contexts = [StageContext(server_round=t.server_round, client_id=t.client_id, seed=t.seed,
-                             info=dict(info[i]) if info else {}, state=t.client_state)
-                for i, t in enumerate(tasks)]
-    processed = pipeline.apply_batch(updates, contexts) if pipeline else updates
-    if contexts and contexts[0].new_state:  # a stage's state (compression's residual)
-        new_state = {**new_state, **{k: torch.stack([c.new_state[k] for c in contexts])
-                                     for k in contexts[0].new_state}}
+    if pipeline:
+        contexts = [StageContext(server_round=t.server_round, client_id=t.client_id,
+                                 seed=t.seed, info=dict(info[i]) if info else {},
+                                 state=t.client_state) for i, t in enumerate(tasks)]
+        processed = pipeline.apply_batch(updates, contexts)
+        infos = [c.info for c in contexts]
+        if contexts and contexts[0].new_state:  # a stage's state (compression's residual)
+            new_state = {**new_state, **{k: torch.stack([c.new_state[k] for c in contexts])
+                                         for k in contexts[0].new_state}}
+    else:  # no stage: no per-client context to build
+        processed = updates
+        infos = [dict(i) for i in info] if info else [{} for _ in tasks]
     return ResultBatch(
         client_ids=[t.client_id for t in tasks], updates=processed.detach(),
         num_examples=column(num_examples, updates.device),
@@ -90,5 +95,5 @@ def finish_cohort(tasks: Sequence[ClientTask], updates: torch.Tensor, *,
         metrics={k: v.to(device=updates.device, dtype=torch.float64) for k, v in metrics.items()},
         aux={k: v.detach() for k, v in aux.items()},
         new_state={k: v.detach() for k, v in new_state.items()},
-        info=[c.info for c in contexts],
+        info=infos,
     )
