@@ -34,6 +34,7 @@ __all__ = [
     "RoundProgress",
     "PlainAggregator",
     "accept_finite",
+    "accept_finite_with_sums",
     "sum_batch",
     "as_batch",
 ]
@@ -364,15 +365,31 @@ def accept_finite(batch: ResultBatch) -> tuple[ResultBatch, list[int]]:
     Returns the kept batch and the rejected client ids. One device-to-host copy of an ``[n]``
     boolean mask: the round's one host sync outside evaluation.
     """
+    kept, rejected, _ = accept_finite_with_sums(batch)
+    return kept, rejected
+
+
+def accept_finite_with_sums(batch: ResultBatch, columns: Sequence[torch.Tensor] = ()
+                            ) -> tuple[ResultBatch, list[int], list[float]]:
+    """:func:`accept_finite`, plus the sums over the kept rows of each ``[n]`` column, brought
+    to the host in the same copy as the mask (so a round needs no second sync for them).
+    """
     if not len(batch):
-        return batch, []
+        return batch, [], [0.0 for _ in columns]
     ok = torch.isfinite(batch.updates).all(dim=1)
     for values in batch.aux.values():  # the aux-vector contract (strategies.aux_vectors)
         ok = ok & torch.isfinite(values.reshape(len(batch), -1)).all(dim=1).to(ok.device)
-    finite = ok.tolist()
-    keep = [i for i, ok in enumerate(finite) if ok]
-    rejected = [batch.client_ids[i] for i, ok in enumerate(finite) if not ok]
-    return batch.select(keep), rejected
+    host = ok.to(torch.float64)
+    if columns:
+        # where, not a product: a rejected row's NaN must not reach the sums
+        sums = torch.stack([torch.where(ok, c.to(device=ok.device, dtype=torch.float64),
+                                        0.0).sum() for c in columns])
+        host = torch.cat([host, sums])
+    copied: list[float] = host.tolist()
+    finite = [v == 1.0 for v in copied[:len(batch)]]
+    keep = [i for i, good in enumerate(finite) if good]
+    rejected = [batch.client_ids[i] for i, good in enumerate(finite) if not good]
+    return batch.select(keep), rejected, copied[len(batch):]
 
 
 def sum_batch(batch: ResultBatch, *, weighting: str) -> Aggregate:

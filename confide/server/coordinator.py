@@ -29,7 +29,7 @@ from confide.round import (
     Executor,
     ResultBatch,
     TrainSettings,
-    accept_finite,
+    accept_finite_with_sums,
 )
 from confide.seeding import derive_rng, derive_seeds
 from confide.server.checkpoint import save_checkpoint
@@ -72,6 +72,8 @@ class Coordinator:
     _retry_reasons: list[str] = field(default_factory=list)
     #: extra columns of the next history row (set by a schedule, e.g. mean staleness)
     _row_extras: dict[str, Any] = field(default_factory=dict)
+    #: the kept batch of the finite check and its train-loss sums (host floats), for _record
+    _kept_loss: tuple[ResultBatch, float, float] | None = None
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -252,7 +254,14 @@ class Coordinator:
         """Keep results with finite updates; a NaN/inf update is rejected, not averaged."""
         for cid, why in failures.items():
             log.info("round %d: client %d dropped (%s)", rnd, cid, why)
-        batch, rejected = accept_finite(batch)
+        # the kept rows' example-weighted train-loss sums come back with the finite mask, so
+        # the round's record needs no second host sync (_record)
+        columns: tuple[torch.Tensor, ...] = ()
+        if len(batch) and "train_loss" in batch.metrics:
+            w = batch.num_examples
+            columns = (w * batch.metrics["train_loss"], w)
+        batch, rejected, sums = accept_finite_with_sums(batch, columns)
+        self._kept_loss = (batch, sums[0], sums[1]) if columns else None
         for cid in rejected:
             log.warning("round %d: client %d sent a non-finite update or aux vector; it is "
                         "excluded", rnd, cid)
@@ -288,7 +297,13 @@ class Coordinator:
         # clients summed on other ranks report their example-weighted loss sums
         loss_sum = aggregate.metric_sums.get("train_loss")
         examples = aggregate.metric_sums.get("num_examples")
-        if used and "train_loss" in batch.metrics:
+        kept, self._kept_loss = self._kept_loss, None
+        if used and kept is not None and kept[0] is batch and len(used) == len(batch):
+            # every kept row was summed: the sums the finite check brought to the host
+            own_loss, own_examples = (torch.tensor(v, dtype=torch.float64) for v in kept[1:])
+            loss_sum = own_loss if loss_sum is None else own_loss + loss_sum.cpu()
+            examples = own_examples if examples is None else own_examples + examples.cpu()
+        elif used and "train_loss" in batch.metrics:
             part = batch.select(used)
             w = part.num_examples
             own_loss, own_examples = (w * part.metrics["train_loss"]).sum(), w.sum()

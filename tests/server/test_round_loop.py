@@ -124,3 +124,42 @@ def test_failed_round_is_retried_with_a_fresh_cohort(tmp_path):
     # without retries the same round ends the job, with the checkpoint of the round before
     with pytest.raises(RoundFailedError, match=f"round {rnd} failed"):
         _run(tmp_path, "no-retry", [*job, f"run.rounds={rnd}", "cohort.max_retries=0"])
+
+
+def test_finite_check_brings_the_kept_rows_loss_sums_in_its_one_copy():
+    """accept_finite_with_sums: the sums cover kept rows only (a rejected row's NaN loss too)."""
+    from confide.round import ResultBatch, accept_finite_with_sums
+
+    updates = torch.ones(4, 3, dtype=torch.float64)
+    updates[1, 2] = float("inf")
+    batch = ResultBatch(client_ids=[10, 11, 12, 13], updates=updates,
+                        num_examples=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64),
+                        num_steps=torch.ones(4, dtype=torch.float64),
+                        metrics={"train_loss": torch.tensor([0.5, float("nan"), 1.0, 2.0],
+                                                            dtype=torch.float64)})
+    w = batch.num_examples
+    kept, rejected, sums = accept_finite_with_sums(batch, (w * batch.metrics["train_loss"], w))
+    assert rejected == [11] and kept.client_ids == [10, 12, 13]
+    assert sums == pytest.approx([0.5 + 3.0 + 8.0, 1.0 + 3.0 + 4.0])
+
+
+def test_train_loss_from_the_finite_check_equals_the_kept_rows_mean(tmp_path):
+    """The history's train loss is the example-weighted mean over the summed clients, also
+    when one client's update is rejected (then the sums of the finite check are used)."""
+    sim = build_simulation(load_config(None, [*FAST, "run.rounds=1"]))
+    executor = sim.coordinator.executor
+    original = executor.run_cohort
+    seen = {}
+
+    def poisoned(tasks):
+        outcome = original(tasks)
+        outcome.batch.updates[0] = float("nan")
+        b = outcome.batch
+        w, loss = b.num_examples[1:], b.metrics["train_loss"][1:]
+        seen["mean"] = float((w * loss).sum() / w.sum())
+        return outcome
+
+    executor.run_cohort = poisoned
+    history = sim.coordinator.run()
+    assert history[0]["num_clients"] == 9
+    assert history[0]["train_loss"] == pytest.approx(seen["mean"], rel=1e-12)
