@@ -26,6 +26,7 @@ import logging
 import os
 import pickle  # noqa: S403 - between this run's own spawned ranks, never a peer's bytes
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -152,7 +153,33 @@ class _WorkerPayload:
 
 
 def _worker_main(rank: int, payload: _WorkerPayload) -> None:
-    """A worker rank: train the jobs rank 0 broadcasts until it says stop."""
+    """A worker rank's process: serve rounds until rank 0 says stop, then leave at once.
+
+    The process ends with ``os._exit`` instead of interpreter finalisation. A gloo loop
+    thread can still be releasing a finished collective's tensors when the main thread
+    returns; releasing a tensor Python dropped first takes the GIL, and finalisation ends
+    threads that wait for the GIL by unwinding them through that destructor, which is
+    ``std::terminate`` (SIGABRT: "terminate called without an active exception", seen as
+    exit code -6 in CI, backtrace ``ProcessGroupGloo::runLoop`` -> ``~AsyncBroadcastWork``
+    -> ``decref_pyobject`` -> ``PyThread_exit_thread``). Nothing is left to finalise here:
+    the group was left and the logs are flushed first.
+    """
+    code = 1
+    try:
+        _worker_serve(rank, payload)
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported here, the exit code tells rank 0
+        log.exception("vectorized: worker rank %d stopped with an error", rank)
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _worker_serve(rank: int, payload: _WorkerPayload) -> None:
+    """Join the group, train the jobs rank 0 broadcasts until it says stop, leave."""
     import torch.distributed as dist
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
