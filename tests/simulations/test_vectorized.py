@@ -420,13 +420,17 @@ def test_chunk_schedule_stacks_each_clients_batches(sizes, batch, epochs, seed):
     """The chunk's [clients, steps, width] schedule holds every client's own batches."""
     s = TrainSettings(epochs=epochs, batch_size=batch)
     offsets = np.cumsum([0, *sizes])
-    parts = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(sizes))]
-    jobs = [vec.Job(slot=i, client_id=i, seed=seed + i, num_samples=n,
-                    num_steps=vec.num_local_steps(n, s)) for i, n in enumerate(sizes)]
-    sched = chunk_schedule(jobs, PartitionTable(parts, torch.device("cpu")), s,
-                           torch.device("cpu"), torch.float64)
+    samples = np.random.default_rng(seed).permutation(int(offsets[-1]))  # not contiguous
+    parts = [samples[offsets[i]:offsets[i + 1]] for i in range(len(sizes))]
+    table = PartitionTable(parts, torch.device("cpu"))
+    assert table.flat.numel() == sum(sizes) + 1  # flat, not clients x largest partition
+    # the chunk's clients in another order than the table's (ids, not positions)
+    ids = [int(c) for c in np.random.default_rng(seed + 1).permutation(len(sizes))]
+    jobs = [vec.Job(slot=k, client_id=c, seed=seed + c, num_samples=sizes[c],
+                    num_steps=vec.num_local_steps(sizes[c], s)) for k, c in enumerate(ids)]
+    sched = chunk_schedule(jobs, table, s, torch.device("cpu"), torch.float64)
     for i, job in enumerate(jobs):
-        own = vec.client_batches(parts[i], job.seed, s)
+        own = vec.client_batches(parts[job.client_id], job.seed, s)
         steps, width = own.shape
         got = sched.index[i, :steps, :width].numpy()
         real = own >= 0

@@ -106,21 +106,24 @@ def dp_sgd_batches(part: np.ndarray, seed: int, settings: TrainSettings) -> np.n
 
 
 class PartitionTable:
-    """The clients' partitions as one padded ``[clients, max size]`` index table on a device.
+    """The clients' partitions on a device: one flat index array and each client's offset.
 
     Built once per trainer (the data already lives on the device); a chunk's batches are
-    gathered from it on the device. ``parts`` keeps the host arrays (DP-SGD's sampler, sizes).
+    gathered from it on the device. Flat, not padded to the largest partition: a skewed split
+    (one client with most of the data) costs its sample count, not clients x largest size.
+    ``parts`` keeps the host arrays (DP-SGD's sampler, sizes).
     """
 
     def __init__(self, partitions: Sequence[np.ndarray], device: torch.device) -> None:
-        self.parts = [np.asarray(p, dtype=np.int64) for p in partitions]
+        self.parts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in partitions]
         self.sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
-        width = int(self.sizes.max(initial=0))
-        table = np.zeros((len(self.parts), max(width, 1)), dtype=np.int64)
-        for i, p in enumerate(self.parts):
-            table[i, :len(p)] = p
+        offsets = np.zeros(len(self.parts), dtype=np.int64)
+        offsets[1:] = np.cumsum(self.sizes)[:-1]
+        # one trailing 0: an empty last partition's offset still indexes inside the array
+        flat = np.concatenate([*self.parts, np.zeros(1, dtype=np.int64)])
         self.device = device
-        self.table = torch.from_numpy(table).to(device)
+        self.flat = torch.from_numpy(flat).to(device)
+        self.offsets = torch.from_numpy(offsets).to(device)
 
 
 @dataclass
@@ -159,7 +162,10 @@ def chunk_schedule(jobs: Sequence[Job], partitions: PartitionTable, settings: Tr
                      per_epoch])
     ids_d, seeds_d, sizes_d, pe_d = _to_device(host, device)
     orders = epoch_orders(seeds_d, sizes_d, epochs, n_max)  # [C, E, n_max]
-    sample = partitions.table[ids_d[:, None, None], orders]  # orders < n_max <= table width
+    # positions past a client's size are dumped below; clamp them inside its partition
+    last = (sizes_d - 1).clamp_min(0)[:, None, None]
+    sample = partitions.flat[partitions.offsets[ids_d][:, None, None]
+                             + torch.minimum(orders, last)]
     # epoch e of client i fills flat positions e * per_epoch_i * width + j, j < size_i
     j = torch.arange(n_max, device=device)[None, None, :]
     e = torch.arange(epochs, device=device)[None, :, None]
